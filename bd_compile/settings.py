@@ -1,0 +1,137 @@
+"""The one settings object of the backend: defaults, validation, and parsing of ``options``.
+
+Every option a user can pass as ``torch.compile(..., backend="blockdance", options={...})``
+is a field here, with its default in one place. Unknown keys and bad values raise
+``ValueError`` naming what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Note [Default cache block]
+# The paper skips blocks 0..20 of 28 (75% of depth) on reuse steps. For a model with n blocks
+# the default ``cache_block`` is round(0.75 * n) - 1, so 28 -> 20, 12 -> 8, 4 -> 2.
+DEFAULT_DEPTH_FRACTION = 0.75
+
+
+def default_cache_block(num_blocks: int) -> int:
+    """Last skipped block for ``num_blocks`` blocks (Note [Default cache block])."""
+    return max(0, min(num_blocks - 2, round(DEFAULT_DEPTH_FRACTION * num_blocks) - 1))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """BlockDance options. See the README's options table for the user-facing description.
+
+    cache_block: index, in execution order over all block lists, of the last block skipped on
+        reuse steps; ``None`` means 75% of depth.
+    interval: N of BlockDance-N; in the reuse window the first step of every group of N is a
+        cache step and the other N-1 reuse the cache. ``1`` computes every step.
+    window: (start, end) fractions of the denoising trajectory where reuse may happen.
+    timesteps: the sampler's exact timestep list; the paper's rule is then applied to it
+        exactly (a timestep outside the list computes).
+    schedule: explicit bool mask indexed by integer timestep, ``True`` = reuse at that timestep.
+    calibration: path of a calibration JSON written by ``bd_compile.analyze`` whose
+        ``cache_block`` and ``window`` replace the defaults.
+    inner: the compiler the rewritten graphs go to: ``"inductor"`` or any registered backend.
+    strict: raise instead of falling back to the inner compiler when the graph can't be rewritten.
+    timestep_input: name of the forward argument that carries the timestep, if it isn't
+        ``timestep``/``t``/``sigma``.
+    """
+
+    cache_block: int | None = None
+    interval: int = 2
+    window: tuple[float, float] = (0.4, 0.95)
+    timesteps: tuple[float, ...] | None = None
+    schedule: torch.Tensor | None = field(default=None, compare=False)
+    calibration: str | None = None
+    inner: str = "inductor"
+    strict: bool = False
+    timestep_input: str | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def replace(self, **changes: Any) -> Settings:
+        return from_options(changes, base=self)
+
+
+def _fail(name: str, expected: str, got: object) -> ValueError:
+    return ValueError(f"blockdance option {name!r}: expected {expected}, got {got!r}")
+
+
+def validate(s: Settings) -> None:
+    if s.cache_block is not None and (
+        isinstance(s.cache_block, bool) or not isinstance(s.cache_block, int) or s.cache_block < 0
+    ):
+        raise _fail("cache_block", "an int >= 0 or None", s.cache_block)
+    if isinstance(s.interval, bool) or not isinstance(s.interval, int) or s.interval < 1:
+        raise _fail("interval", "an int >= 1", s.interval)
+    w = s.window
+    if (
+        not isinstance(w, tuple)
+        or len(w) != 2
+        or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in w)
+        or not 0.0 <= w[0] <= w[1] <= 1.0
+    ):
+        raise _fail("window", "(start, end) with 0 <= start <= end <= 1", w)
+    if s.timesteps is not None and (
+        len(s.timesteps) == 0 or not all(isinstance(x, (int, float)) for x in s.timesteps)
+    ):
+        raise _fail("timesteps", "a non-empty sequence of numbers", s.timesteps)
+    if s.schedule is not None:
+        if not isinstance(s.schedule, torch.Tensor) or s.schedule.dim() != 1:
+            raise _fail("schedule", "a 1-d bool tensor indexed by timestep", s.schedule)
+        if s.schedule.dtype != torch.bool:
+            raise _fail("schedule", "dtype torch.bool", s.schedule.dtype)
+    if s.schedule is not None and s.timesteps is not None:
+        raise ValueError(
+            "blockdance options 'schedule' and 'timesteps': expected at most one, got both"
+        )
+    if not isinstance(s.inner, str) or not s.inner or s.inner == "blockdance":
+        raise _fail("inner", "a registered backend name other than 'blockdance'", s.inner)
+    if not isinstance(s.strict, bool):
+        raise _fail("strict", "a bool", s.strict)
+    if s.timestep_input is not None and not isinstance(s.timestep_input, str):
+        raise _fail("timestep_input", "an argument name (str) or None", s.timestep_input)
+    if s.calibration is not None and not isinstance(s.calibration, str):
+        raise _fail("calibration", "a path (str) or None", s.calibration)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Accept the natural Python spellings (lists, numpy values) for tuple/tensor fields."""
+    if key == "window" and isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(float(x) if isinstance(x, (int, float)) else x for x in value)
+    if key == "timesteps" and value is not None:
+        if isinstance(value, torch.Tensor):
+            return tuple(float(x) for x in value.flatten().tolist())
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            return tuple(float(x) if hasattr(x, "__float__") else x for x in value)
+    if key == "schedule" and value is not None and not isinstance(value, torch.Tensor):
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            return torch.tensor([bool(x) for x in value], dtype=torch.bool)
+    if key == "calibration" and value is not None and hasattr(value, "__fspath__"):
+        return str(value)
+    return value
+
+
+def from_options(options: Mapping[str, Any] | None, base: Settings | None = None) -> Settings:
+    """Settings from a ``torch.compile`` options dict; unknown keys raise ``ValueError``."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise ValueError(
+            f"blockdance: unknown option(s) {unknown}; expected a subset of {list(FIELDS)}"
+        )
+    changes = {k: _coerce(k, v) for k, v in options.items()}
+    return dataclasses.replace(base or Settings(), **changes)
