@@ -1,0 +1,102 @@
+"""Shared pieces of the benchmarks: timing, peak memory, FLOP fraction of the cached region."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def machine() -> str:
+    """A one-line description of where the numbers came from."""
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name()
+    else:
+        dev = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return (
+        f"{dev}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); "
+        f"{platform.platform()}"
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
+    """Peak memory above the level at entry: exact allocator stats on CUDA; on CPU the
+    resident set size sampled every millisecond by a thread (coarser: includes allocator
+    slack, but both methods are measured the same way in one process)."""
+    result: dict[str, int] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield result
+        torch.cuda.synchronize()
+        result["peak"] = torch.cuda.max_memory_allocated() - base
+        return
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["peak"] = max(peak[0], _rss_bytes()) - base
+
+
+def region_flop_fraction(
+    model: torch.nn.Module, kwargs: dict[str, Any], cached_block_paths: list[str]
+) -> float:
+    """Fraction of one forward's FLOPs spent in the given blocks (module paths such as
+    ``transformer_blocks.3``), counted by ``torch.utils.flop_counter`` on an eager run."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(**kwargs)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    total = sum(counts["Global"].values())
+    skipped = sum(sum(counts.get(f"{root}.{p}", {}).values()) for p in cached_block_paths)
+    return skipped / total if total else 0.0
+
+
+def flop_bound_speedup(calls: int, reuse_calls: int, fraction: float) -> float:
+    """Speedup if a reuse call cost exactly ``1 - fraction`` of a full call."""
+    return calls / (calls - reuse_calls * fraction)

@@ -1,0 +1,326 @@
+"""The blockdance backend end to end on tiny diffusers DiTs and a DiT written here.
+
+Golden tests compare against ``reference.py``: an eager implementation of the BlockDance
+semantics by forward replacement on the block modules, independent of the FX passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import zoo
+from reference import paper_plan, run_reference_loop
+from torch._dynamo.utils import counters
+
+import bd_compile
+from bd_compile.schedule import ProgressSchedule
+
+AOT = {"inner": "aot_eager"}
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> None:
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def compile_bd(case: zoo.ZooCase, **options: object) -> torch.nn.Module:
+    return torch.compile(case.model, backend="blockdance", options={**AOT, **options})
+
+
+def model_timesteps(case: zoo.ZooCase, steps: int) -> list[float]:
+    sched = case.make_scheduler()
+    sched.set_timesteps(steps)
+    return [float(case.model_timestep(t, 1)[0]) for t in sched.timesteps]
+
+
+def cache_block(case: zoo.ZooCase) -> int:
+    return bd_compile.default_cache_block(len(case.blocks()))
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_all_compute_schedule_matches_eager(name: str) -> None:
+    case = zoo.get(name)
+    eager = zoo.run_loop(case, case.model, 6, cfg="batched")
+    compiled = compile_bd(case, interval=1)
+    got = zoo.run_loop(case, compiled, 6, cfg="batched")
+    torch.testing.assert_close(got.latents, eager.latents, **TOL)
+    assert counters["blockdance"]["graphs_rewritten"] == 1
+    assert counters["blockdance"]["reuse_steps"] == 0
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_caching_matches_eager_reference(name: str) -> None:
+    case, steps, window = zoo.get(name), 10, (0.2, 0.95)
+    ts = model_timesteps(case, steps)
+    plan = paper_plan(steps, window, 2)
+    compiled = compile_bd(case, timesteps=ts, window=window, cache_block=cache_block(case))
+    got = zoo.run_loop(case, compiled, steps, cfg="batched")
+    ref, ctrl = run_reference_loop(case, cache_block(case), plan, steps, "batched")
+    full = zoo.run_loop(case, case.model, steps, cfg="batched")
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+    assert (got.latents - full.latents).abs().max() > 1e-4 * full.latents.abs().max()
+    assert counters["blockdance"]["reuse_steps"] == sum(plan) == ctrl.reuse_calls
+    assert counters["blockdance"]["cache_steps"] == steps - sum(plan)
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3"])
+def test_sequential_cfg_keeps_one_cache_per_branch(name: str) -> None:
+    case, steps, window = zoo.get(name), 10, (0.2, 0.95)
+    plan = paper_plan(steps, window, 2)
+    ts = model_timesteps(case, steps)
+    compiled = compile_bd(case, timesteps=ts, window=window, cache_block=cache_block(case))
+    got = zoo.run_loop(case, compiled, steps, cfg="sequential")
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "sequential")
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+    assert counters["blockdance"]["reuse_steps"] == 2 * sum(plan)
+
+
+def test_default_schedule_follows_progress_rule_and_reference() -> None:
+    case, steps = zoo.get("pixart"), 20
+    compiled = compile_bd(case)
+    got = zoo.run_loop(case, compiled, steps, cfg="batched")
+    rule = ProgressSchedule((0.4, 0.95), 2)
+    plan = [rule.step(t) for t in model_timesteps(case, steps)]
+    assert plan == paper_plan(steps, (0.4, 0.95), 2)  # DDIM 20 steps: exact
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+def test_repeated_generations_and_schedule_changes_do_not_recompile() -> None:
+    case = zoo.get("pixart")
+    compiled = compile_bd(case)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first = zoo.run_loop(case, compiled, 12, cfg="batched")
+        again = zoo.run_loop(case, compiled, 12, cfg="batched")
+        zoo.run_loop(case, compiled, 30, cfg="batched")  # other step count
+        bd_compile.set_schedule(compiled, interval=3, window=(0.3, 0.9))
+        zoo.run_loop(case, compiled, 20, cfg="batched")
+        mask = torch.zeros(1000, dtype=torch.bool)
+        mask[::2] = True
+        bd_compile.set_schedule(compiled, schedule=mask)
+        zoo.run_loop(case, compiled, 20, cfg="batched")
+        bd_compile.set_schedule(compiled)
+        last = zoo.run_loop(case, compiled, 12, cfg="batched")
+    torch.testing.assert_close(again.latents, first.latents, rtol=0, atol=0)
+    torch.testing.assert_close(last.latents, first.latents, rtol=0, atol=0)
+    assert counters["blockdance"]["graphs_rewritten"] == 1
+    c = counters["blockdance"]
+    assert c["cache_steps"] + c["reuse_steps"] == 12 + 12 + 30 + 20 + 20 + 12
+
+
+def test_first_call_of_every_generation_computes() -> None:
+    case = zoo.get("zoo_dit")
+    everything = torch.ones(1000, dtype=torch.bool)  # reuse wherever a cache is valid
+    compiled = compile_bd(case, schedule=everything)
+    zoo.run_loop(case, compiled, 5, cfg="batched")
+    runtime = bd_compile.runtimes_of(compiled)[0]
+    assert [c.reused for c in runtime.layout.history] == [False, True, True, True, True]
+    zoo.run_loop(case, compiled, 5, cfg="sequential")  # batch 1: a second graph and runtime
+    runtime = bd_compile.runtimes_of(compiled)[-1]
+    reused = [(c.branch, c.reused) for c in runtime.layout.history]
+    assert reused[:2] == [(0, False), (1, False)]  # each branch writes before it reads
+    assert all(r for _, r in reused[2:])
+
+
+def test_shape_change_never_reads_another_shapes_cache() -> None:
+    case = zoo.get("zoo_dit")
+    compiled = torch.compile(
+        case.model,
+        backend="blockdance",
+        dynamic=True,
+        options={**AOT, "schedule": torch.ones(1000, dtype=torch.bool)},
+    )
+    t = torch.tensor([900, 800, 700])
+    a, b = case.example_inputs(batch=2), case.example_inputs(batch=3)
+    with torch.no_grad():
+        compiled(**{**a, case.timestep_kwarg: t[0].expand(2)})
+        out = compiled(**{**b, case.timestep_kwarg: t[1].expand(3)})
+        ref = case.model(**{**b, case.timestep_kwarg: t[1].expand(3)})
+    torch.testing.assert_close(zoo.first_tensor(out), zoo.first_tensor(ref), **TOL)
+    assert counters["blockdance"]["reuse_steps"] == 0
+
+
+def test_explain_and_counters() -> None:
+    case = zoo.get("flux")
+    compiled = compile_bd(case)
+    zoo.run_loop(case, compiled, 10, cfg="batched")
+    text = str(bd_compile.explain(compiled))
+    assert "transformer_blocks.0" in text and "single_transformer_blocks.0" in text
+    runtime = bd_compile.runtimes_of(compiled)[0]
+    assert len(runtime.layout.cached) == 2  # hidden + encoder hidden
+    assert all(v.nbytes for v in runtime.layout.cached)
+    c = counters["blockdance"]
+    assert c["cache_steps"] + c["reuse_steps"] == 10
+
+
+def test_latte_blocks_interleave_in_execution_order() -> None:
+    case = zoo.get("latte")
+    compiled = compile_bd(case, interval=1)
+    zoo.run_loop(case, compiled, 2, cfg="none")
+    names = [n for n, _ in bd_compile.runtimes_of(compiled)[0].layout.blocks]
+    assert names[:4] == [
+        "transformer_blocks.0",
+        "temporal_transformer_blocks.0",
+        "transformer_blocks.1",
+        "temporal_transformer_blocks.1",
+    ]
+
+
+class NoBlocks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))) * timestep[:, None]
+
+
+def test_graph_without_blocks_falls_back_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    model = NoBlocks()
+    x, t = torch.randn(2, 8), torch.tensor([1.0, 1.0])
+    compiled = torch.compile(model, backend="blockdance", options=AOT)
+    with caplog.at_level(logging.WARNING, logger="bd_compile"):
+        torch.testing.assert_close(compiled(x, t), model(x, t))
+    warnings = [r for r in caplog.records if "left uncached" in r.getMessage()]
+    assert len(warnings) == 1
+    assert counters["blockdance"]["fallbacks"] == 1
+
+
+def test_strict_raises_instead_of_falling_back() -> None:
+    compiled = torch.compile(NoBlocks(), backend="blockdance", options={**AOT, "strict": True})
+    with pytest.raises(Exception, match="expected at least 2 transformer blocks"):
+        compiled(torch.randn(2, 8), torch.tensor([1.0, 1.0]))
+
+
+def test_too_deep_cache_block_falls_back() -> None:
+    case = zoo.get("zoo_dit")
+    compiled = compile_bd(case, cache_block=len(case.blocks()) - 1)
+    inputs = case.example_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            zoo.first_tensor(compiled(**inputs)), zoo.first_tensor(case.model(**inputs)), **TOL
+        )
+    assert counters["blockdance"]["fallbacks"] == 1
+
+
+def test_graph_break_graphs_are_handled_each_on_its_own() -> None:
+    case = zoo.build("zoo_dit")
+    stage = case.model.stages[2]
+    original = stage.forward
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return original(*args, **kwargs)
+
+    stage.forward = broken  # type: ignore[method-assign]
+    eager = zoo.run_loop(case, case.model, 6, cfg="batched")
+    compiled = torch.compile(case.model, backend="blockdance", options={**AOT, "interval": 1})
+    got = zoo.run_loop(case, compiled, 6, cfg="batched")
+    torch.testing.assert_close(got.latents, eager.latents, **TOL)
+    c = counters["blockdance"]
+    assert c["graphs_rewritten"] + c["fallbacks"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"intervall": 2}, "unknown option"),
+        ({"interval": 0}, "expected an int >= 1, got 0"),
+        ({"interval": 2.0}, "expected an int >= 1"),
+        ({"interval": True}, "expected an int >= 1"),
+        ({"window": (0.9, 0.1)}, "0 <= start <= end <= 1"),
+        ({"window": (0.1,)}, "0 <= start <= end <= 1"),
+        ({"window": "early"}, "0 <= start <= end <= 1"),
+        ({"cache_block": -1}, "cache_block"),
+        ({"timesteps": []}, "non-empty sequence"),
+        ({"schedule": torch.zeros(10)}, "torch.bool"),
+        ({"schedule": torch.zeros(2, 2, dtype=torch.bool)}, "1-d bool tensor"),
+        ({"schedule": [True], "timesteps": [999]}, "at most one"),
+        ({"inner": "blockdance"}, "other than 'blockdance'"),
+        ({"inner": "no_such_backend"}, "registered backend name"),
+        ({"strict": "yes"}, "expected a bool"),
+        ({"calibration": 3}, "path"),
+    ],
+)
+def test_invalid_options_raise_value_error(options: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        bd_compile.blockdance_backend(torch.fx.symbolic_trace(NoBlocks()), [], options=options)
+    # Through torch.compile, Dynamo wraps it (BackendCompilerFailed) with the message intact.
+    compiled = torch.compile(NoBlocks(), backend="blockdance", options=options)
+    with pytest.raises(Exception, match=match) as info:
+        compiled(torch.randn(2, 8), torch.tensor([1.0, 1.0]))
+    assert isinstance(getattr(info.value, "inner_exception", None), ValueError)
+
+
+def test_invalid_set_schedule_and_mode_raise_value_error() -> None:
+    case = zoo.get("zoo_dit")
+    with pytest.raises(ValueError, match="unknown option"):
+        bd_compile.set_schedule(case.model, cache_block=3)
+    with pytest.raises(ValueError, match="expected a model compiled with backend='blockdance'"):
+        bd_compile.set_schedule(NoBlocks(), interval=3)
+    with pytest.raises(ValueError, match="expected mode=None"):
+        bd_compile.blockdance_backend(None, [], mode="max-autotune")  # type: ignore[arg-type]
+
+
+def test_python_api_runs_the_passes_without_torch_compile() -> None:
+    case = zoo.get("dit")
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    inputs = case.example_inputs()
+    torch.compile(case.model, backend=capture, fullgraph=True)(**inputs)
+    gm, example_inputs = graphs[0]
+    runtime = bd_compile.build_runtime(
+        gm, example_inputs, bd_compile.Settings(inner="eager"), lambda g, _: g.forward
+    )
+    assert runtime.layout.cache_block == cache_block(case)
+    assert [n for n, _ in runtime.layout.blocks] == [
+        f"transformer_blocks.{i}" for i in range(len(case.blocks()))
+    ]
+
+
+def _fresh_python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_backend_resolves_by_name_without_import_then_import_is_harmless() -> None:
+    code = (
+        "import sys, torch\n"
+        "from torch._dynamo import lookup_backend\n"
+        "fn = lookup_backend('blockdance')\n"
+        "import bd_compile\n"
+        "assert lookup_backend('blockdance') is fn\n"
+        "print(fn.__module__)\n"
+    )
+    assert _fresh_python(code) == "bd_compile.backend"
+
+
+def test_import_first_registers_the_backend() -> None:
+    code = (
+        "import bd_compile, torch\n"
+        "from torch._dynamo import lookup_backend\n"
+        "print(lookup_backend('blockdance') is bd_compile.blockdance_backend)\n"
+    )
+    assert _fresh_python(code) == "True"
+
+
+@pytest.mark.slow
+def test_inductor_end_to_end_matches_reference() -> None:
+    case, steps = zoo.get("pixart"), 10
+    compiled = torch.compile(case.model, backend="blockdance")
+    got = zoo.run_loop(case, compiled, steps, cfg="batched")
+    rule = ProgressSchedule((0.4, 0.95), 2)
+    plan = [rule.step(t) for t in model_timesteps(case, steps)]
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")
+    torch.testing.assert_close(got.latents, ref.latents, rtol=1e-3, atol=1e-4)
+    assert counters["blockdance"]["reuse_steps"] == sum(plan) > 0
