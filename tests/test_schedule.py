@@ -1,0 +1,82 @@
+"""The default schedule needs no step count and stays within one reuse step of the paper's rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+)
+from reference import paper_plan
+
+from bd_compile.schedule import MaskSchedule, ProgressSchedule, TimestepSchedule, paper_rule
+
+SCHEDULERS = {
+    "ddim-leading": lambda: DDIMScheduler(num_train_timesteps=1000),
+    "ddim-trailing": lambda: DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing"),
+    "dpm++": lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"),
+    "euler": lambda: EulerDiscreteScheduler(num_train_timesteps=1000),
+    "pndm": lambda: PNDMScheduler(num_train_timesteps=1000, skip_prk_steps=True),
+}
+
+
+def decisions(schedule: ProgressSchedule, timesteps: list[float]) -> list[bool]:
+    schedule.start()
+    return [schedule.step(t) for t in timesteps]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("steps", [10, 20, 25, 30, 50, 100])
+@pytest.mark.parametrize("interval", [2, 3, 4])
+def test_default_reuse_count_within_one_of_paper_rule(name: str, steps: int, interval: int) -> None:
+    sched = SCHEDULERS[name]()
+    sched.set_timesteps(steps)
+    ts = [float(t) for t in sched.timesteps]
+    got = decisions(ProgressSchedule((0.4, 0.95), interval), ts)
+    want = paper_plan(len(ts), (0.4, 0.95), interval)
+    assert abs(sum(got) - sum(want)) <= 1, (got, want)
+
+
+def test_paper_rule_matches_the_papers_pixart_count() -> None:
+    assert sum(paper_rule(30, (0.4, 0.95), 2)) == 8  # PAPER.md: 8 reuse steps
+    for s in range(1, 80):
+        for n in (1, 2, 3, 4):
+            assert paper_rule(s, (0.4, 0.95), n) == paper_plan(s, (0.4, 0.95), n)
+
+
+def test_interval_one_never_reuses() -> None:
+    ts = [float(t) for t in torch.linspace(999, 0, 50)]
+    assert not any(decisions(ProgressSchedule((0.0, 1.0), 1), ts))
+
+
+def test_progress_schedule_restarts_each_generation() -> None:
+    ts = [999.0 - 20 * i for i in range(50)]
+    s = ProgressSchedule((0.4, 0.95), 2)
+    assert decisions(s, ts) == decisions(s, ts)
+
+
+def test_flow_matching_default_is_conservative() -> None:
+    """With shift 3 the window is in noise level, so it reuses less than the step rule."""
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(28)
+    ts = [float(t) for t in sched.timesteps]
+    got = decisions(ProgressSchedule((0.4, 0.95), 2), ts)
+    assert 0 < sum(got) <= sum(paper_plan(28, (0.4, 0.95), 2))
+
+
+def test_timestep_schedule_applies_rule_exactly_and_computes_unknown_timesteps() -> None:
+    ts = [999.0 - 33.3 * i for i in range(30)]
+    s = TimestepSchedule(ts, (0.4, 0.95), 2)
+    assert [s.step(t) for t in ts] == paper_plan(30, (0.4, 0.95), 2)
+    assert s.step(12.345) is False
+
+
+def test_mask_schedule_indexes_integer_timesteps() -> None:
+    mask = torch.zeros(1000, dtype=torch.bool)
+    mask[500] = True
+    s = MaskSchedule(mask)
+    assert s.step(500.0) and not s.step(499.0) and not s.step(0.5) and not s.step(5000.0)
