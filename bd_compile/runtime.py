@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 CompiledFn = Callable[..., Any]
 
+# Calls at one timestep beyond this many are not cached: a loop that calls the model many times
+# at the same timestep (not a sampler) must not grow the cache without bound.
+MAX_BRANCHES = 4
+
 
 @dataclass
 class _Slot:
@@ -82,14 +86,13 @@ class Layout:
 class _Gather:
     """Builds a split graph's argument list from the call's args, prefix outputs and cache."""
 
-    def __init__(self, spec: InputSpec) -> None:
-        self.spec = spec.sources
+    _POOL = {"arg": 0, "prefix": 1, "cache": 2}
 
-    def __call__(
-        self, args: Sequence[Any], prefix: Sequence[Any], cache: Sequence[Any]
-    ) -> list[Any]:
-        pools = {"arg": args, "prefix": prefix, "cache": cache}
-        return [pools[src][i] for src, i in self.spec]
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = tuple((self._POOL[src], i) for src, i in spec.sources)
+
+    def __call__(self, *pools: Sequence[Any]) -> list[Any]:
+        return [pools[p][i] for p, i in self.spec]
 
 
 def _as_tuple(out: Any) -> tuple[Any, ...]:
@@ -157,6 +160,7 @@ class BlockDanceRuntime:
     def _advance(self, t: float) -> None:
         if self.last_t is None or t > self.last_t:
             self.generation += 1
+            self.slots.clear()  # free the previous generation's caches
             self.step, self.branch = 0, 0
             self.layout.history = []
             self.schedule.start()
@@ -189,7 +193,8 @@ class BlockDanceRuntime:
             counters["blockdance"]["reuse_steps"] += 1
         else:
             cache = _as_tuple(self.region_fn(*self.gather_region(args, prefix, ())))
-            self.slots[self.branch] = _Slot(cache, self.generation, signature)
+            if self.branch < MAX_BRANCHES:
+                self.slots[self.branch] = _Slot(cache, self.generation, signature)
             counters["blockdance"]["cache_steps"] += 1
         self.layout.history.append(CallRecord(t, self.step, self.branch, reuse))
         return self.tail_fn(*self.gather_tail(args, prefix, cache))

@@ -146,6 +146,20 @@ def test_shape_change_never_reads_another_shapes_cache() -> None:
     assert counters["blockdance"]["reuse_steps"] == 0
 
 
+def test_many_calls_at_one_timestep_keep_the_cache_bounded() -> None:
+    from bd_compile.runtime import MAX_BRANCHES
+
+    case = zoo.get("zoo_dit")
+    compiled = compile_bd(case)
+    inputs = case.example_inputs()
+    with torch.no_grad():
+        for _ in range(3 * MAX_BRANCHES):
+            compiled(**inputs)
+    runtime = bd_compile.runtimes_of(compiled)[-1]
+    assert len(runtime.slots) == MAX_BRANCHES
+    assert counters["blockdance"]["reuse_steps"] == 0
+
+
 def test_explain_and_counters() -> None:
     case = zoo.get("flux")
     compiled = compile_bd(case)
