@@ -74,13 +74,16 @@ def schedule_from(s: Settings) -> Schedule:
     )
 
 
-def _apply_calibration(s: Settings) -> Settings:
+def apply_calibration(s: Settings) -> tuple[Settings, int | None]:
+    """Settings with a calibration file's ``cache_block`` and ``window``, and the block count the
+    calibration was made for (``None`` without a calibration). Explicit ``cache_block`` wins."""
     if s.calibration is None:
-        return s
+        return s, None
     from bd_compile.calibration import load_calibration
 
     cal = load_calibration(s.calibration)
-    return s.replace(cache_block=cal.cache_block, window=cal.window, calibration=None)
+    cache_block = s.cache_block if s.cache_block is not None else cal.cache_block
+    return s.replace(cache_block=cache_block, window=cal.window, calibration=None), cal.num_blocks
 
 
 def build_runtime(
@@ -88,9 +91,15 @@ def build_runtime(
     example_inputs: Sequence[Any],
     s: Settings,
     inner: Callable[[fx.GraphModule, list[Any]], CompiledFn],
+    calibrated_blocks: int | None = None,
 ) -> BlockDanceRuntime:
     """Run the pass pipeline on ``gm`` and compile its three parts with ``inner``."""
     blocks = tag_blocks(gm)
+    if calibrated_blocks is not None and calibrated_blocks != len(blocks):
+        raise RegionError(
+            f"the calibration is for a model of {calibrated_blocks} blocks, this graph has "
+            f"{len(blocks)}"
+        )
     if len(blocks) < 2:
         raise RegionError(
             f"expected at least 2 transformer blocks in the graph, found {len(blocks)}"
@@ -149,10 +158,10 @@ def build_runtime(
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], s: Settings) -> CompiledFn:
     """Rewrite and compile one Dynamo graph; fall back to the inner compiler if it can't."""
-    s = _apply_calibration(s)
+    s, calibrated_blocks = apply_calibration(s)
     inner = resolve_inner(s.inner)
     try:
-        runtime = build_runtime(gm, example_inputs, s, inner)
+        runtime = build_runtime(gm, example_inputs, s, inner, calibrated_blocks)
     except Exception as e:
         if s.strict:
             raise BlockDanceError(f"blockdance could not rewrite the graph: {e}") from e
