@@ -41,21 +41,25 @@ def _require(model: torch.nn.Module | None) -> list[BlockDanceRuntime]:
 def set_schedule(model: torch.nn.Module | None = None, **options: Any) -> None:
     """Change the schedule of a compiled model between generations, without recompiling.
 
-    Accepts the schedule options of the backend: ``interval``, ``window``, ``timesteps``,
-    ``schedule`` (omitted ones take their defaults). Also starts a new generation.
+    Takes the backend's schedule options (``interval``, ``window``, ``timesteps``,
+    ``schedule``); the ones not given keep their current values (``timesteps`` and
+    ``schedule`` replace each other). Starts a new generation. The model must have been called
+    once, so that Dynamo has handed its graphs to the backend.
     """
     from bd_compile.backend import schedule_from
-    from bd_compile.settings import from_options
 
     bad = sorted(set(options) - set(SCHEDULE_KEYS))
     if bad:
         raise ValueError(
             f"set_schedule: unknown option(s) {bad}; expected a subset of {list(SCHEDULE_KEYS)}"
         )
-    settings = from_options(options)
+    if "timesteps" in options:
+        options.setdefault("schedule", None)
+    if "schedule" in options:
+        options.setdefault("timesteps", None)
     for runtime in _require(model):
-        runtime.set_schedule(schedule_from(settings))
-        runtime.reset()
+        settings = runtime.settings.replace(**options)
+        runtime.set_schedule(schedule_from(settings), settings)
 
 
 def reset(model: torch.nn.Module | None = None) -> None:

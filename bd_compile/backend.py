@@ -149,6 +149,7 @@ def build_runtime(
         split,
         (prefix_fn, region_fn, tail_fn),
         schedule_from(s),
+        s,
         timestep_index,
         signature,
         params,

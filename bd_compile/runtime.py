@@ -28,6 +28,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from bd_compile.schedule import Schedule
+from bd_compile.settings import Settings
 from passes.split_cached_region import InputSpec, SplitGraphs
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class BlockDanceRuntime:
         split: SplitGraphs,
         compiled: tuple[CompiledFn | None, CompiledFn, CompiledFn],
         schedule: Schedule,
+        settings: Settings,
         timestep_index: int,
         signature_indices: Sequence[int],
         param_ids: frozenset[int],
@@ -129,6 +131,7 @@ class BlockDanceRuntime:
         self.gather_region = _Gather(split.region_inputs)
         self.gather_tail = _Gather(split.tail_inputs)
         self.schedule = schedule
+        self.settings = settings  # what the schedule was built from; set_schedule edits it
         self.timestep_index = timestep_index
         self.signature_indices = tuple(signature_indices)
         self.param_ids = param_ids
@@ -147,9 +150,9 @@ class BlockDanceRuntime:
         self.layout.history = []
         self.schedule.start()
 
-    def set_schedule(self, schedule: Schedule) -> None:
-        self.schedule = schedule
-        self.schedule.start()
+    def set_schedule(self, schedule: Schedule, settings: Settings) -> None:
+        self.schedule, self.settings = schedule, settings
+        self.reset()
 
     def _signature(self, args: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(

@@ -64,7 +64,8 @@ class ProgressSchedule:
         if self._t0 is None:
             self._t0 = t
         progress = (self._t0 - t) / self._t0 if self._t0 > 0 else 0.0
-        if not self.window[0] <= progress < self.window[1]:
+        start, end = self.window
+        if not (start <= progress < end or progress == end == 1.0):  # end 1.0: the last step too
             return False
         self._in_window += 1
         return (self._in_window - 1) % self.interval != 0

@@ -105,13 +105,56 @@ def test_repeated_generations_and_schedule_changes_do_not_recompile() -> None:
         mask[::2] = True
         bd_compile.set_schedule(compiled, schedule=mask)
         zoo.run_loop(case, compiled, 20, cfg="batched")
-        bd_compile.set_schedule(compiled)
+        bd_compile.set_schedule(compiled, interval=2, window=(0.4, 0.95), schedule=None)
         last = zoo.run_loop(case, compiled, 12, cfg="batched")
     torch.testing.assert_close(again.latents, first.latents, rtol=0, atol=0)
     torch.testing.assert_close(last.latents, first.latents, rtol=0, atol=0)
     assert counters["blockdance"]["graphs_rewritten"] == 1
     c = counters["blockdance"]
     assert c["cache_steps"] + c["reuse_steps"] == 12 + 12 + 30 + 20 + 20 + 12
+
+
+def test_set_schedule_keeps_the_options_it_is_not_given() -> None:
+    case = zoo.get("zoo_dit")
+    compiled = compile_bd(case, window=(0.1, 0.9), interval=3)
+    zoo.run_loop(case, compiled, 4, cfg="batched")
+    bd_compile.set_schedule(compiled, interval=2)
+    runtime = bd_compile.runtimes_of(compiled)[0]
+    assert (runtime.settings.window, runtime.settings.interval) == ((0.1, 0.9), 2)
+    bd_compile.set_schedule(compiled, timesteps=[800.0, 600.0])
+    bd_compile.set_schedule(compiled, schedule=torch.ones(10, dtype=torch.bool))
+    assert runtime.settings.timesteps is None  # timesteps and schedule replace each other
+
+
+def test_calibration_for_another_block_count_falls_back(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from bd_compile.calibration import Calibration, save_calibration
+
+    case = zoo.get("zoo_dit")
+    n = len(case.blocks())
+    path = Path(str(tmp_path)) / "cal.json"
+    fields = {
+        "cache_block": 1,
+        "window": (0.3, 0.95),
+        "threshold": 0.99,
+        "num_blocks": n + 2,
+        "num_steps": 20,
+        "metric": "cosine",
+        "model": "ZooDiT",
+        "created": "2026-11-26T00:00:00+00:00",
+    }
+    save_calibration(Calibration(**fields), path)  # type: ignore[arg-type]
+    compiled = compile_bd(case, calibration=str(path))
+    with torch.no_grad():
+        compiled(**case.example_inputs())
+    assert counters["blockdance"]["fallbacks"] == 1
+    save_calibration(Calibration(**{**fields, "num_blocks": n}), path)  # type: ignore[arg-type]
+    torch._dynamo.reset()
+    compiled = compile_bd(case, calibration=str(path))
+    zoo.run_loop(case, compiled, 4, cfg="batched")
+    runtime = bd_compile.runtimes_of(compiled)[-1]
+    assert (runtime.layout.cache_block, runtime.settings.window) == (1, (0.3, 0.95))
 
 
 def test_first_call_of_every_generation_computes() -> None:

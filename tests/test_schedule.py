@@ -80,3 +80,9 @@ def test_mask_schedule_indexes_integer_timesteps() -> None:
     mask[500] = True
     s = MaskSchedule(mask)
     assert s.step(500.0) and not s.step(499.0) and not s.step(0.5) and not s.step(5000.0)
+
+
+def test_window_ending_at_one_includes_the_last_step() -> None:
+    ts = [980.0 - 20 * i for i in range(50)]  # DDIM leading: the last timestep is 0
+    got = decisions(ProgressSchedule((0.0, 1.0), 2), ts)
+    assert got[-1] and sum(got) == 25  # DeepCache-style: every other step over the whole run
