@@ -29,7 +29,9 @@ def load(path: Path) -> tuple[torch.nn.Module, Any, int]:
     """The reference model, its DDIM sampler, and its null class id (for guidance)."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-    model = DiTTransformer2DModel.from_pretrained(path, local_files_only=True).eval()
+    model = DiTTransformer2DModel.from_pretrained(
+        path, local_files_only=True, torch_dtype=torch.float32
+    ).eval()
     scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     return model, scheduler, int(model.config.num_embeds_ada_norm)
 
