@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import bd_compile
+from bd_compile.analysis import denoise
 from bd_compile.metrics import psnr, ssim
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "benchmarks" / "reference" / "model"
@@ -40,15 +41,15 @@ def load(path: Path) -> tuple[torch.nn.Module, Any, int]:
 def generate(
     model: Any, scheduler: Any, labels: torch.Tensor, null: int, steps: int, scale: float
 ) -> torch.Tensor:
+    """One generation: DDIM with batched classifier-free guidance (labels ``[y; null]``)."""
     size, channels = model.config.sample_size, model.config.in_channels
     x = torch.randn(len(labels), channels, size, size, generator=torch.Generator().manual_seed(0))
     both = torch.cat([labels, torch.full_like(labels, null)])
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        out = model(torch.cat([x, x]), timestep=t.expand(2 * len(labels)), class_labels=both)
-        cond, uncond = out.sample[:, :channels].chunk(2)
-        x = scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
-    return x.clamp(-1, 1)
+
+    def inputs(x_in: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+        return {"hidden_states": x_in, "timestep": t, "class_labels": both}
+
+    return denoise(model, scheduler, inputs, x, steps, guidance_scale=scale).clamp(-1, 1)
 
 
 def main(argv: list[str] | None = None) -> None:
