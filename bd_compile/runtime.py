@@ -195,6 +195,10 @@ class BlockDanceRuntime:
             cache = slot.values
             counters["blockdance"]["reuse_steps"] += 1
         else:
+            # Free the old cache (our reference too) before the new one is made: at the peak
+            # there is one cache per branch, not two.
+            slot = None
+            self.slots.pop(self.branch, None)
             cache = _as_tuple(self.region_fn(*self.gather_region(args, prefix, ())))
             if self.branch < MAX_BRANCHES:
                 self.slots[self.branch] = _Slot(cache, self.generation, signature)
