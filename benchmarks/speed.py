@@ -250,7 +250,8 @@ def write(
         f"Machine: {where}. Command: `python -m benchmarks.speed {' '.join(sys.argv[1:])}`.",
         f"Median of {args.repeats} generations per method, methods interleaved in one process. "
         f"FLOP fraction of the skipped blocks: {fraction:.3f}. Peak memory: above the level "
-        "before the generation (CUDA: allocator peak; CPU: sampled RSS).",
+        "before the generation (CUDA: allocator peak; CPU: malloc in-use bytes sampled every "
+        "~0.2 ms; see benchmarks/README.md).",
         "",
         "| sampler | method | s/gen | speedup vs inductor | FLOP-bound | efficiency | reuse/calls "
         "| peak mem MB (vs inductor) | cache MB |",
