@@ -20,7 +20,7 @@ from bd_compile import settings as settings_mod
 from bd_compile.runtime import BlockDanceRuntime, CachedValue, CompiledFn, Layout
 from bd_compile.schedule import Schedule, make_schedule
 from bd_compile.settings import Settings, default_cache_block
-from passes import RegionError, find_cached_region, split_cached_region, tag_blocks
+from passes import Block, RegionError, rewrite
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +94,22 @@ def build_runtime(
     calibrated_blocks: int | None = None,
 ) -> BlockDanceRuntime:
     """Run the pass pipeline on ``gm`` and compile its three parts with ``inner``."""
-    blocks = tag_blocks(gm)
-    if calibrated_blocks is not None and calibrated_blocks != len(blocks):
-        raise RegionError(
-            f"the calibration is for a model of {calibrated_blocks} blocks, this graph has "
-            f"{len(blocks)}"
-        )
-    if len(blocks) < 2:
-        raise RegionError(
-            f"expected at least 2 transformer blocks in the graph, found {len(blocks)}"
-        )
+
+    def choose_cache_block(blocks: list[Block]) -> int:
+        if calibrated_blocks is not None and calibrated_blocks != len(blocks):
+            raise RegionError(
+                f"the calibration is for a model of {calibrated_blocks} blocks, this graph has "
+                f"{len(blocks)}"
+            )
+        if len(blocks) < 2:
+            raise RegionError(
+                f"expected at least 2 transformer blocks in the graph, found {len(blocks)}"
+            )
+        return s.cache_block if s.cache_block is not None else default_cache_block(len(blocks))
+
+    region, split = rewrite(gm, choose_cache_block)
+    blocks, cache_block = region.blocks, region.cache_block
     timestep_index = find_timestep_input(gm, s.timestep_input)
-    cache_block = s.cache_block if s.cache_block is not None else default_cache_block(len(blocks))
-    region = find_cached_region(gm, blocks, cache_block)
-    split = split_cached_region(gm, region)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     prefix_values = {("prefix", i): n for i, n in enumerate(split.prefix_outputs)}
