@@ -46,8 +46,6 @@ def set_schedule(model: torch.nn.Module | None = None, **options: Any) -> None:
     ``schedule`` replace each other). Starts a new generation. The model must have been called
     once, so that Dynamo has handed its graphs to the backend.
     """
-    from bd_compile.backend import schedule_from
-
     bad = sorted(set(options) - set(SCHEDULE_KEYS))
     if bad:
         raise ValueError(
@@ -58,8 +56,7 @@ def set_schedule(model: torch.nn.Module | None = None, **options: Any) -> None:
     if "schedule" in options:
         options.setdefault("timesteps", None)
     for runtime in _require(model):
-        settings = runtime.settings.replace(**options)
-        runtime.set_schedule(schedule_from(settings), settings)
+        runtime.set_settings(runtime.settings.replace(**options))
 
 
 def reset(model: torch.nn.Module | None = None) -> None:

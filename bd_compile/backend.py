@@ -18,7 +18,6 @@ from torch._dynamo.utils import counters
 
 from bd_compile import settings as settings_mod
 from bd_compile.runtime import BlockDanceRuntime, CachedValue, CompiledFn, Layout
-from bd_compile.schedule import Schedule, make_schedule
 from bd_compile.settings import Settings, default_cache_block
 from passes import Block, RegionError, rewrite
 
@@ -65,12 +64,6 @@ def find_timestep_input(gm: fx.GraphModule, requested: str | None) -> int:
     raise RegionError(
         f"no timestep input: expected a graph input named one of {list(wanted)}, got inputs "
         f"{user}; pass options={{'timestep_input': <argument name>}}"
-    )
-
-
-def schedule_from(s: Settings) -> Schedule:
-    return make_schedule(
-        interval=s.interval, window=s.window, timesteps=s.timesteps, schedule=s.schedule
     )
 
 
@@ -150,7 +143,6 @@ def build_runtime(
     return BlockDanceRuntime(
         split,
         (prefix_fn, region_fn, tail_fn),
-        schedule_from(s),
         s,
         timestep_index,
         signature,

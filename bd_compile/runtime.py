@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
-from bd_compile.schedule import Schedule
+from bd_compile.schedule import schedule_for
 from bd_compile.settings import Settings
 from passes.split_cached_region import InputSpec, SplitGraphs
 
@@ -117,7 +117,6 @@ class BlockDanceRuntime:
         self,
         split: SplitGraphs,
         compiled: tuple[CompiledFn | None, CompiledFn, CompiledFn],
-        schedule: Schedule,
         settings: Settings,
         timestep_index: int,
         signature_indices: Sequence[int],
@@ -130,8 +129,8 @@ class BlockDanceRuntime:
         self.gather_prefix = _Gather(split.prefix_inputs)
         self.gather_region = _Gather(split.region_inputs)
         self.gather_tail = _Gather(split.tail_inputs)
-        self.schedule = schedule
-        self.settings = settings  # what the schedule was built from; set_schedule edits it
+        self.settings = settings  # the schedule is built from it; set_settings replaces it
+        self.schedule = schedule_for(settings)
         self.timestep_index = timestep_index
         self.signature_indices = tuple(signature_indices)
         self.param_ids = param_ids
@@ -150,8 +149,9 @@ class BlockDanceRuntime:
         self.layout.history = []
         self.schedule.start()
 
-    def set_schedule(self, schedule: Schedule, settings: Settings) -> None:
-        self.schedule, self.settings = schedule, settings
+    def set_settings(self, settings: Settings) -> None:
+        """Rebuild the schedule from ``settings`` and start over (no recompile)."""
+        self.settings, self.schedule = settings, schedule_for(settings)
         self.reset()
 
     def _signature(self, args: Sequence[Any]) -> tuple[Any, ...]:

@@ -26,6 +26,8 @@ from typing import Protocol
 
 import torch
 
+from bd_compile.settings import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -155,3 +157,10 @@ def make_schedule(
     if timesteps is not None:
         return TimestepSchedule(timesteps, window, interval)
     return ProgressSchedule(window, interval)
+
+
+def schedule_for(s: Settings) -> Schedule:
+    """A fresh schedule for the schedule options of ``s``."""
+    return make_schedule(
+        interval=s.interval, window=s.window, timesteps=s.timesteps, schedule=s.schedule
+    )
