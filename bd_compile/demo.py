@@ -21,9 +21,10 @@ import torch
 
 import bd_compile
 from bd_compile.analysis import denoise
+from bd_compile.data import REFERENCE_MODEL
 from bd_compile.metrics import psnr, ssim
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "benchmarks" / "reference" / "model"
+DEFAULT_MODEL = REFERENCE_MODEL
 
 
 def load(path: Path) -> tuple[torch.nn.Module, Any, int]:

@@ -6,7 +6,7 @@
     python -m benchmarks.quality --part report            # merge the two into quality.md/.csv/PNGs
 
 For DDIM 50 steps and DPM-Solver++ 25 steps (batched classifier-free guidance, scale 3) on the
-project's MNIST DiT (``benchmarks/reference/model``), every method samples the same seeds and
+project's MNIST DiT (``bd_compile/data/reference_model``), every method samples the same seeds and
 labels (the same initial noise per sample):
 
 - ``full``: all blocks every step (the reference output);
@@ -52,9 +52,11 @@ import numpy as np
 import torch
 import torch._dynamo
 
+from bd_compile.data import REFERENCE_MODEL
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-DEFAULT_MODEL = HERE / "reference" / "model"
+DEFAULT_MODEL = REFERENCE_MODEL
 DEFAULT_CLASSIFIER = HERE / "reference" / "classifier.safetensors"
 
 #: Candidate FirstBlockCache thresholds probed to match the BlockDance speedups.
@@ -204,7 +206,7 @@ def load_model(path: Path, device: torch.device) -> tuple[Any, Any]:
     if not (path / "config.json").exists():
         raise SystemExit(
             f"--model: expected a saved DiT folder with config.json, got {path} "
-            "(the reference weights land in benchmarks/reference/model once trained)"
+            "(the reference weights ship in bd_compile/data/reference_model)"
         )
     model, train_scheduler = load_reference(path, device)
     return model, train_scheduler

@@ -7,7 +7,7 @@ the final samples with the reference (SSIM, PSNR). The paper's hand-picked setti
 block at 75% depth, windows 25%-95% and 40%-95%) are measured the same way as the yardstick.
 ``saved`` is the share of block evaluations skipped (reuse calls x skipped blocks / all).
 
-    python -m benchmarks.threshold_sweep --model tiny-dit --model benchmarks/reference/model
+    python -m benchmarks.threshold_sweep --model tiny-dit --model bd_compile/data/reference_model
 """
 
 from __future__ import annotations

