@@ -20,22 +20,16 @@ from typing import Any
 import torch
 
 import bd_compile
-from bd_compile.analysis import denoise
-from bd_compile.data import REFERENCE_MODEL
 from bd_compile.metrics import psnr, ssim
-
-DEFAULT_MODEL = REFERENCE_MODEL
+from bd_compile.sampling import REFERENCE_MODEL, denoise, load_reference, make_scheduler
 
 
 def load(path: Path) -> tuple[torch.nn.Module, Any, int]:
     """The reference model, its DDIM sampler, and its null class id (for guidance)."""
-    from diffusers import DDIMScheduler, DiTTransformer2DModel
-
-    model = DiTTransformer2DModel.from_pretrained(
-        path, local_files_only=True, torch_dtype=torch.float32
-    ).eval()
-    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-    return model, scheduler, int(model.config.num_embeds_ada_norm)
+    model, train_scheduler = load_reference(path)
+    scheduler = make_scheduler(train_scheduler.config, "ddim")
+    config: Any = model.config  # a diffusers FrozenDict with attribute access
+    return model, scheduler, int(config.num_embeds_ada_norm)
 
 
 @torch.no_grad()
@@ -55,7 +49,7 @@ def generate(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--model", type=Path, default=REFERENCE_MODEL)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--guidance", type=float, default=3.0)

@@ -25,11 +25,24 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import PixArtTransformer2DModel
+
+import bd_compile
+from bd_compile.sampling import denoise, make_scheduler
+from benchmarks.common import (
+    flop_bound_speedup,
+    machine,
+    median,
+    peak_memory,
+    region_flop_fraction,
+    timed,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -59,8 +72,6 @@ class Row:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from diffusers import PixArtTransformer2DModel
-
     torch.manual_seed(0)
     heads = args.width // 64
     model = PixArtTransformer2DModel(
@@ -79,54 +90,45 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return model.eval().to(args.device, getattr(torch, args.dtype))
 
 
-def make_scheduler(sampler: str) -> Any:
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    if sampler == "dpm":
-        return DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++")
-    return DDIMScheduler(num_train_timesteps=1000)
-
-
 class Loop:
-    """One generation: batched classifier-free guidance (batch 2), scale 4.5."""
+    """One generation: ``bd_compile.sampling.denoise`` with batched classifier-free guidance
+    (batch 2: one sample, cond and uncond), scale 4.5."""
 
     def __init__(self, args: argparse.Namespace, scenario: Scenario) -> None:
         dev, dt = torch.device(args.device), getattr(torch, args.dtype)
         g = torch.Generator().manual_seed(0)
         self.latents = torch.randn(1, 4, args.latent, args.latent, generator=g).to(dev, dt)
         self.text = torch.randn(2, 16, args.caption_channels, generator=g).to(dev, dt)
-        self.scheduler = make_scheduler(scenario.sampler)
+        # DPM-Solver++ (the scheduler's default algorithm) or DDIM, 1000 training steps.
+        self.scheduler = make_scheduler(None, scenario.sampler)
         self.steps, self.device = scenario.steps, dev
 
-    def kwargs(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+    def inputs(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+        """The kwargs of one model call on the doubled batch ``x`` at timesteps ``t [2]``."""
         return {
-            "hidden_states": torch.cat([x, x]),
+            "hidden_states": x,
             "encoder_hidden_states": self.text,
-            "timestep": t.expand(2),
+            "timestep": t,
             "return_dict": False,
         }
 
-    @torch.no_grad()
+    def example(self, t: int = 999) -> dict[str, Any]:
+        """The kwargs of the first call of a generation (for FLOP counting and compiling)."""
+        x = torch.cat([self.latents, self.latents])
+        return self.inputs(x, torch.full((2,), t, device=self.device))
+
     def __call__(self, model: Any) -> torch.Tensor:
-        self.scheduler.set_timesteps(self.steps, device=self.device)
-        x = self.latents.clone()
-        for t in self.scheduler.timesteps:
-            out = model(**self.kwargs(x, t))[0][:, :4]
-            cond, uncond = out.chunk(2)
-            x = self.scheduler.step(uncond + 4.5 * (cond - uncond), t, x).prev_sample
-        return x
+        return denoise(
+            model, self.scheduler, self.inputs, self.latents, self.steps, guidance_scale=4.5
+        )
 
 
 def probe_compile(args: argparse.Namespace) -> None:
     """In a fresh process: compile time of the first call = first call - a steady call."""
-    import time
-
-    import bd_compile  # noqa: F401
-
     torch.set_num_threads(args.threads)
     model = build_model(args)
     loop = Loop(args, SCENARIOS[0])
-    kwargs = loop.kwargs(loop.latents, torch.tensor(999, device=loop.device))
+    kwargs = loop.example()
     options = {"interval": 2} if args.probe_compile == "blockdance" else None
     compiled = torch.compile(model, backend=args.probe_compile, options=options)
     with torch.no_grad():
@@ -154,16 +156,6 @@ def compile_times(args: argparse.Namespace, backend: str) -> tuple[float, float]
 
 
 def run(args: argparse.Namespace) -> None:
-    import bd_compile
-    from benchmarks.common import (
-        flop_bound_speedup,
-        machine,
-        median,
-        peak_memory,
-        region_flop_fraction,
-        timed,
-    )
-
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"machine: {machine()}", flush=True)
@@ -185,9 +177,7 @@ def run(args: argparse.Namespace) -> None:
         if fraction is None:
             lay = bd_compile.runtimes_of(bd)[0].layout
             paths = [name for name, _ in lay.blocks[: lay.cache_block + 1]]
-            fraction = region_flop_fraction(
-                model, loop.kwargs(loop.latents, torch.tensor(999)), paths
-            )
+            fraction = region_flop_fraction(model, loop.example(), paths)
             print(f"  FLOP fraction of blocks 0..{lay.cache_block}: {fraction:.3f}", flush=True)
         times: dict[str, list[float]] = {m: [] for m in methods}
         peaks: dict[str, int] = {}

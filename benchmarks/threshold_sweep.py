@@ -7,7 +7,7 @@ the final samples with the reference (SSIM, PSNR). The paper's hand-picked setti
 block at 75% depth, windows 25%-95% and 40%-95%) are measured the same way as the yardstick.
 ``saved`` is the share of block evaluations skipped (reuse calls x skipped blocks / all).
 
-    python -m benchmarks.threshold_sweep --model tiny-dit --model bd_compile/data/reference_model
+    python -m benchmarks.threshold_sweep --model bd_compile/data/reference_model
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import bd_compile
-from bd_compile.analysis import analyze, denoise
-from bd_compile.analyze import BUILTINS, load_subject, make_scheduler
-from bd_compile.calibration import calibrate, save_calibration
+from bd_compile.analysis import analyze, calibrate, save_calibration
+from bd_compile.analysis.__main__ import load_subject
 from bd_compile.metrics import psnr, ssim
+from bd_compile.sampling import denoise, make_scheduler
 from bd_compile.settings import default_cache_block
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,12 @@ def sweep(
     thresholds: Sequence[float],
     structure_thresholds: Sequence[float | None] = STRUCTURE_THRESHOLDS,
 ) -> list[Row]:
-    subject = load_subject(spec, batch, seed, "cpu")
+    subject = load_subject(spec, batch, "cpu")
     model = subject.model
     num_blocks: int | None = None
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn((batch, *subject.latent_shape), generator=gen)
-    pixel = subject.latent_shape[0] in (1, 3) and spec not in BUILTINS  # images in [-1, 1]
+    pixel = subject.latent_shape[0] in (1, 3)  # images in [-1, 1]
 
     def sample(fn: Any) -> torch.Tensor:
         sched = make_scheduler(subject.scheduler_config, sampler)

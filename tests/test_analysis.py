@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch._dynamo
 import zoo
+from tiny_subjects import tiny_dit
 from torch import nn
 
 import bd_compile
@@ -29,8 +30,8 @@ from bd_compile.analysis import (
     cosine_similarity,
     relative_l2,
 )
-from bd_compile.analyze import main
-from bd_compile.calibration import (
+from bd_compile.analysis.__main__ import main
+from bd_compile.analysis.calibrate import (
     Calibration,
     calibrate,
     load_calibration,
@@ -385,9 +386,11 @@ def test_cli_writes_figures_json_summary_and_calibration(
 ) -> None:
     out = tmp_path / "out"
     cal_path = tmp_path / "cal.json"
+    folder = tmp_path / "tiny-dit"
+    tiny_dit(batch=1).model.save_pretrained(folder)  # no scheduler folder: DiT's DDPM schedule
     rc = main(
         [
-            "--model", "tiny-dit", "--steps", "6", "--batch", "1", "--out", str(out),
+            "--model", str(folder), "--steps", "6", "--batch", "1", "--out", str(out),
             "--calibration-out", str(cal_path), "--threshold", "0.9", "--no-progress",
         ]
     )  # fmt: skip
@@ -406,7 +409,7 @@ def test_cli_writes_figures_json_summary_and_calibration(
 
 
 def test_cli_rejects_an_unknown_model(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="expected one of"):
+    with pytest.raises(SystemExit, match="expected a diffusers model folder with config.json"):
         main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path)])
 
 
@@ -416,7 +419,7 @@ def test_cli_loads_a_saved_class_conditional_dit_with_its_scheduler(tmp_path: Pa
     is built from the ``scheduler`` subfolder."""
     from diffusers import DDPMScheduler, DiTTransformer2DModel
 
-    from bd_compile.analyze import load_subject
+    from bd_compile.analysis.__main__ import load_subject
 
     torch.manual_seed(0)
     folder = tmp_path / "model"
@@ -433,7 +436,7 @@ def test_cli_loads_a_saved_class_conditional_dit_with_its_scheduler(tmp_path: Pa
     DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True).save_pretrained(
         folder / "scheduler"
     )
-    subject = load_subject(str(folder), batch=2, seed=0, device="cpu")
+    subject = load_subject(str(folder), batch=2, device="cpu")
     assert subject.latent_shape == (1, 28, 28)
     assert subject.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
     kwargs = subject.make_inputs(torch.zeros(4, 1, 28, 28), torch.full((4,), 999))

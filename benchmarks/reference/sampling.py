@@ -1,5 +1,7 @@
 """Build, load and sample the reference DiT the way the paper samples DiT-XL/2.
 
+The loop is ``bd_compile.sampling.denoise`` (the one the library and every benchmark use);
+``load_reference`` is ``bd_compile.sampling.load_reference``, re-exported here.
 Sampling is classifier-free guidance with one batched forward per step: the model runs on
 ``[x; x]`` with class labels ``[y; NULL_CLASS]`` and the two halves are mixed as
 ``eps = uncond + scale * (cond - uncond)`` (diffusers' DiTPipeline does the same). Any diffusers
@@ -11,8 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 
@@ -24,6 +25,8 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from torch import nn
 
+from bd_compile.sampling import denoise, make_scheduler
+from bd_compile.sampling import load_reference as load_reference  # re-exported: one loader
 from benchmarks.reference.data import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -102,26 +105,9 @@ def make_train_scheduler(
 
 
 def make_sampler(train_config: Any, sampler: SamplerName = "ddim") -> SamplingScheduler:
-    """A fresh sampling scheduler of kind ``sampler`` built from the training scheduler's config."""
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(train_config)
-    if sampler == "dpm":
-        return DPMSolverMultistepScheduler.from_config(train_config)
-    raise ValueError(f"expected sampler 'ddim' or 'dpm', got {sampler!r}")
-
-
-def load_reference(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[DiTTransformer2DModel, DDPMScheduler]:
-    """Load the saved model (eval mode) and its training scheduler from ``path``, offline."""
-    model = DiTTransformer2DModel.from_pretrained(
-        path, local_files_only=True, torch_dtype=torch.float32
-    )
-    cast(nn.Module, model).to(device=device, dtype=dtype).eval()
-    scheduler = DDPMScheduler.from_pretrained(
-        path, subfolder=SCHEDULER_SUBFOLDER, local_files_only=True
-    )
-    return model, scheduler
+    """A fresh sampling scheduler of kind ``sampler`` built from the training scheduler's config
+    (``bd_compile.sampling.make_scheduler``)."""
+    return make_scheduler(train_config, sampler)
 
 
 def model_denoiser(model: DiTTransformer2DModel) -> Denoiser:
@@ -145,11 +131,14 @@ def sample(
 ) -> torch.Tensor:
     """Draw one image per label with batched classifier-free guidance.
 
+    The loop is ``bd_compile.sampling.denoise`` (its Note [Classifier-free guidance]: CFG runs
+    for ``guidance_scale > 1``).
+
     Args:
         denoiser: the model (or any :data:`Denoiser`, e.g. a compiled one).
         scheduler: a sampling scheduler (see :func:`make_sampler`); its timesteps are reset here.
         class_labels: int64 [N] in 0..9, on the device to sample on.
-        guidance_scale: CFG scale; 1.0 runs the conditional branch only (no doubled batch).
+        guidance_scale: CFG scale; <= 1 runs the conditional branch only (no doubled batch).
         generator: seeds the initial noise when ``noise`` is not given.
         noise: the initial x_T, [N, 1, 28, 28]; overrides ``generator``.
 
@@ -164,21 +153,20 @@ def sample(
         noise = torch.randn(
             (n, 1, IMAGE_SIZE, IMAGE_SIZE), generator=generator, device=noise_device
         )
-    x = noise.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
-    use_cfg = guidance_scale != 1.0
-    labels = (
-        torch.cat([class_labels, torch.full_like(class_labels, NULL_CLASS)])
-        if use_cfg
-        else class_labels
+    both = torch.cat([class_labels, torch.full_like(class_labels, NULL_CLASS)])
+
+    def make_inputs(x: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+        return {"x": x, "t": t, "y": both if x.shape[0] == 2 * n else class_labels}
+
+    def call(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return fn(x, t, y)
+
+    x = denoise(
+        call,
+        scheduler,
+        make_inputs,
+        noise.to(device=device, dtype=torch.float32),
+        num_inference_steps,
+        guidance_scale=guidance_scale,
     )
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    for t in scheduler.timesteps:
-        model_in = torch.cat([x, x]) if use_cfg else x
-        model_in = scheduler.scale_model_input(model_in, t)
-        timesteps = t.reshape(1).expand(model_in.shape[0]).to(device)
-        eps = fn(model_in, timesteps, labels).float()
-        if use_cfg:
-            cond, uncond = eps.chunk(2)
-            eps = uncond + guidance_scale * (cond - uncond)
-        x = scheduler.step(eps, t, x, return_dict=False)[0]
     return x.clamp(-1.0, 1.0)

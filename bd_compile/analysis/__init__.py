@@ -1,0 +1,54 @@
+"""Measure the STSS pattern of any DiT: how much each block's output changes between steps.
+
+BlockDance rests on one observation (the paper's Figs. 2-3): between adjacent denoising steps the
+outputs of the shallow and middle blocks barely change once the structure has formed, while the
+deep blocks keep changing. ``analyze`` measures that on *your* model and sampler, and
+``calibrate`` turns the measurement into a ``cache_block`` and a window.
+
+The package, one concern per module:
+
+- ``record``: the recording Dynamo backend (the backend's own block tagging) and ``analyze``,
+  which samples with ``bd_compile.sampling.denoise`` and records every block on every step;
+- ``stats``: the streaming statistics (cosine, relative L2, step x step matrix, x0 SSIM);
+- ``result``: ``Analysis``, the arrays of one run, and its JSON form (numpy only);
+- ``report``: the plain-English summary and the figures (matplotlib, optional);
+- ``calibrate``: the calibration rule and its JSON file (``bd_compile.calibration`` re-exports it);
+- ``__main__``: the command line, ``python -m bd_compile.analysis``.
+"""
+
+from __future__ import annotations
+
+from bd_compile.analysis.calibrate import (
+    Calibration,
+    calibrate,
+    load_calibration,
+    save_calibration,
+    window_start,
+)
+from bd_compile.analysis.record import analyze, block_outputs, recording_backend
+from bd_compile.analysis.result import ANALYSIS_FORMAT, Analysis
+from bd_compile.analysis.stats import (
+    StatsSink,
+    cosine_matrix,
+    cosine_similarity,
+    relative_l2,
+    x0_ssim,
+)
+
+__all__ = [
+    "ANALYSIS_FORMAT",
+    "Analysis",
+    "Calibration",
+    "StatsSink",
+    "analyze",
+    "block_outputs",
+    "calibrate",
+    "cosine_matrix",
+    "cosine_similarity",
+    "load_calibration",
+    "recording_backend",
+    "relative_l2",
+    "save_calibration",
+    "window_start",
+    "x0_ssim",
+]
