@@ -647,7 +647,7 @@ def split_stats(values: torch.Tensor, splits: int) -> tuple[float, float]:
 def fid_stats(feats: torch.Tensor, reference: torch.Tensor, splits: int) -> tuple[float, float]:
     """FID of all samples, and the standard error of the per-split FIDs (each on N/splits
     samples: biased upward, so the error is a scale of seed noise, not an interval)."""
-    from bd_compile.metrics import frechet_distance
+    from benchmarks.fid import frechet_distance
 
     value = frechet_distance(feats, reference)
     parts = [frechet_distance(p, reference) for p in feats.tensor_split(splits)]
@@ -699,8 +699,8 @@ def quality_row(
 
 
 def run_quality(setup: Setup) -> None:
-    from bd_compile.metrics import frechet_distance
     from benchmarks.common import machine
+    from benchmarks.fid import frechet_distance
     from benchmarks.reference.classifier import load_classifier, predict
     from benchmarks.reference.data import load_split, tensor_to_uint8
 

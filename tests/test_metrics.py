@@ -1,4 +1,5 @@
-"""bd_compile.metrics against closed forms and, where installed, torchmetrics / scipy."""
+"""bd_compile.metrics (SSIM, PSNR) and benchmarks.fid against closed forms and, where installed,
+torchmetrics / scipy."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 import pytest
 import torch
 
-from bd_compile.metrics import feature_statistics, fid, frechet_distance, psnr, ssim
+from bd_compile.metrics import psnr, ssim
+from benchmarks.fid import feature_statistics, fid, frechet_distance
 
 
 def _images(n: int = 4, c: int = 1, h: int = 28, w: int = 28, seed: int = 0) -> torch.Tensor:

@@ -295,7 +295,7 @@ def _evaluate_samples(
     """
     if eval_samples <= 0 or cfg.classifier is None or not Path(cfg.classifier).exists():
         return {}
-    from bd_compile.metrics import fid
+    from benchmarks.fid import fid
     from benchmarks.reference.classifier import load_classifier, predict
 
     clf = load_classifier(cfg.classifier, device)
