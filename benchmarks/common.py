@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmarks: timing, peak memory, FLOP fraction of the cached region."""
+"""Shared pieces of the benchmarks: timing, peak memory, FLOP fraction of the cached region, the
+FLOP-bound speedup (the one formula), CSV output and progress lines."""
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import os
 import platform
@@ -9,8 +11,10 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,6 +131,20 @@ def region_flop_fraction(
     return skipped / total if total else 0.0
 
 
-def flop_bound_speedup(calls: int, reuse_calls: int, fraction: float) -> float:
+def flop_bound_speedup(calls: int, reuse_calls: float, fraction: float) -> float:
     """Speedup if a reuse call cost exactly ``1 - fraction`` of a full call."""
     return calls / (calls - reuse_calls * fraction)
+
+
+def write_csv(path: Path, rows: Sequence[Any]) -> None:
+    """One CSV row per dataclass instance, columns in field order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        w.writeheader()
+        w.writerows(asdict(r) for r in rows)
+
+
+def log(msg: str) -> None:
+    """A progress line on stdout, flushed (benchmarks run for minutes)."""
+    print(msg, flush=True)

@@ -124,7 +124,7 @@ def _progress(total: int, enabled: bool, desc: str) -> Iterator[Callable[[], Non
         yield lambda: None
         return
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional: a progress bar where tqdm is installed
     except ImportError:  # pragma: no cover - tqdm ships with huggingface_hub
         done = [0]
 

@@ -9,6 +9,7 @@ numbers here; none is written in advance.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -165,7 +166,8 @@ def dominance(
         if math.isnan(so) or math.isnan(o.get(metric)):
             continue
         good = [
-            b for b in bd
+            b
+            for b in bd
             if b.speed(measured) >= so and _compare(b, o, metric, higher_better) == "better"
         ]
         sign = 1 if higher_better else -1
@@ -182,7 +184,9 @@ def _headline(verdicts: list[Verdict], label: str, basis: str) -> str:
             parts.append(f"{FAMILY_LABEL[fam]} in {won} of {len(vs)} setting(s)")
     return (
         f"  - {label}, {basis}: a BlockDance setting at least as fast is significantly better "
-        f"than {', '.join(parts)}." if parts else ""
+        f"than {', '.join(parts)}."
+        if parts
+        else ""
     )
 
 
@@ -198,12 +202,15 @@ def conclusions(scenario: str, entries: list[Entry], measured: bool) -> list[str
     for metric, higher_better, label in (("ssim", True, "SSIM"), ("fid", False, "FID")):
         heads.append(_headline(dominance(entries, metric, higher_better, measured), label, basis))
         if measured:
-            heads.append(_headline(dominance(entries, metric, higher_better, False), label,
-                                   "the FLOP bound"))
+            heads.append(
+                _headline(dominance(entries, metric, higher_better, False), label, "the FLOP bound")
+            )
     heads = [h for h in heads if h]
     if heads:
-        lines.append("**Headline** (is an alternative beaten by BlockDance at equal or higher "
-                     "speed?):\n" + "\n".join(heads))
+        lines.append(
+            "**Headline** (is an alternative beaten by BlockDance at equal or higher "
+            "speed?):\n" + "\n".join(heads)
+        )
 
     # 2. Step reduction matched to each setting's FLOP bound, pair by pair.
     wins = sig = fid_wins = total = 0
@@ -241,12 +248,14 @@ def conclusions(scenario: str, entries: list[Entry], measured: bool) -> list[str
             f"{v.other.name} ({v.other.speed(measured):.2f}x, "
             f"{_fmt_metric(metric, v.other.get(metric))}) by {v.by.name} "
             f"({v.by.speed(measured):.2f}x, {_fmt_metric(metric, v.by.get(metric))})"
-            for v in verdicts if v.by is not None
+            for v in verdicts
+            if v.by is not None
         ]
         unbeaten = [
             f"{v.other.name} ({v.other.speed(measured):.2f}x, "
             f"{_fmt_metric(metric, v.other.get(metric))})"
-            for v in verdicts if v.by is None
+            for v in verdicts
+            if v.by is None
         ]
         if verdicts:
             text = f"**{label} at equal or higher {basis}:** "
@@ -260,12 +269,20 @@ def conclusions(scenario: str, entries: list[Entry], measured: bool) -> list[str
             lines.append(text.strip())
 
     # 4. The Pareto front on SSIM.
-    pts = [e for e in entries if e.family != "floor" and e.q
-           and not math.isnan(e.speed(measured)) and not math.isnan(e.get("ssim"))]
+    pts = [
+        e
+        for e in entries
+        if e.family != "floor"
+        and e.q
+        and not math.isnan(e.speed(measured))
+        and not math.isnan(e.get("ssim"))
+    ]
     front = [
-        e for e in pts
+        e
+        for e in pts
         if not any(
-            o.speed(measured) >= e.speed(measured) and o.get("ssim") >= e.get("ssim")
+            o.speed(measured) >= e.speed(measured)
+            and o.get("ssim") >= e.get("ssim")
             and (o.speed(measured) > e.speed(measured) or o.get("ssim") > e.get("ssim"))
             for o in pts
         )
@@ -288,8 +305,11 @@ def conclusions(scenario: str, entries: list[Entry], measured: bool) -> list[str
         lines.append(
             f"**Floors:** a different seed gives SSIM {other.get('ssim'):.3f} and PSNR "
             f"{other.get('psnr'):.1f} dB against the full output; "
-            + (f"{len(below)} method(s) are at or below it ({', '.join(below)})."
-               if below else "every method stays above it.")
+            + (
+                f"{len(below)} method(s) are at or below it ({', '.join(below)})."
+                if below
+                else "every method stays above it."
+            )
         )
     if real is not None and full is not None:
         lines.append(
@@ -318,8 +338,9 @@ def _table(entries: list[Entry]) -> list[str]:
         measured = "" if math.isnan(e.measured) else f"{e.measured:.2f}x"
         vs_eager = "" if e.s is None else f"{_num(e.s['speedup_vs_eager']):.2f}x"
         bound = e.bound if q else _num((e.s or {}).get("flop_bound"))
-        reuse = f"{_num(q['reuse_calls']):g}/{q['calls']}" if q.get("calls") not in (None, "0") \
-            else ""
+        reuse = (
+            f"{_num(q['reuse_calls']):g}/{q['calls']}" if q.get("calls") not in (None, "0") else ""
+        )
         lines.append(
             f"| {e.name} | {measured} | {vs_eager} | "
             f"{'' if math.isnan(bound) else f'{bound:.2f}x'} | {reuse} | "
@@ -340,48 +361,73 @@ def _short(name: str) -> str:
 
 
 def pareto_plot(groups: dict[str, list[Entry]], measured: bool, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional (the ``bench`` extra): only the PNGs need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no GUI backend
 
     scenarios = list(groups)
     fig, axes = plt.subplots(2, len(scenarios), figsize=(6.5 * len(scenarios), 9), squeeze=False)
     for col, sc in enumerate(scenarios):
         entries = groups[sc]
         by_name = {e.name: e for e in entries}
-        for row, (metric, label) in enumerate((("ssim", "SSIM vs full output (higher: closer)"),
-                                              ("fid", "FID vs training digits (lower: better)"))):
+        for row, (metric, label) in enumerate(
+            (
+                ("ssim", "SSIM vs full output (higher: closer)"),
+                ("fid", "FID vs training digits (lower: better)"),
+            )
+        ):
             ax = axes[row][col]
             for fam, (marker, color) in MARKERS.items():
-                pts = [e for e in entries if e.family == fam and e.q
-                       and not math.isnan(e.speed(measured))]
+                pts = [
+                    e
+                    for e in entries
+                    if e.family == fam and e.q and not math.isnan(e.speed(measured))
+                ]
                 if not pts:
                     continue
                 xs = [e.speed(measured) for e in pts]
                 ys = [e.get(metric) for e in pts]
-                err = [0.0 if math.isnan(e.get(f"{metric}_se")) else e.get(f"{metric}_se")
-                       for e in pts]
-                ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, capsize=3, ms=7,
-                            label=FAMILY_LABEL[fam], linestyle="none")
+                err = [
+                    0.0 if math.isnan(e.get(f"{metric}_se")) else e.get(f"{metric}_se") for e in pts
+                ]
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=err,
+                    fmt=marker,
+                    color=color,
+                    capsize=3,
+                    ms=7,
+                    label=FAMILY_LABEL[fam],
+                    linestyle="none",
+                )
                 for e, x, y in zip(pts, xs, ys, strict=True):
                     if fam != "full":
-                        ax.annotate(_short(e.name), (x, y), fontsize=6, xytext=(3, 3),
-                                    textcoords="offset points")
+                        ax.annotate(
+                            _short(e.name),
+                            (x, y),
+                            fontsize=6,
+                            xytext=(3, 3),
+                            textcoords="offset points",
+                        )
             other = by_name.get("full, other seeds")
             real = by_name.get("real held-out digits")
             if metric == "ssim" and other is not None:
-                ax.axhline(other.get("ssim"), ls="--", color="gray", lw=1,
-                           label="floor: full, other seed")
+                ax.axhline(
+                    other.get("ssim"), ls="--", color="gray", lw=1, label="floor: full, other seed"
+                )
             if metric == "fid" and real is not None:
-                ax.axhline(real.get("fid"), ls="--", color="gray", lw=1,
-                           label="floor: real held-out")
+                ax.axhline(
+                    real.get("fid"), ls="--", color="gray", lw=1, label="floor: real held-out"
+                )
             ys_all = [e.get(metric) for e in entries if e.q and not math.isnan(e.get(metric))]
             if metric == "fid" and ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 20:
                 ax.set_yscale("log")
             ax.set_title(f"{sc}")
-            ax.set_xlabel("speedup over plain inductor (CPU, measured)" if measured
-                          else "FLOP-bound speedup")
+            ax.set_xlabel(
+                "speedup over plain inductor (CPU, measured)" if measured else "FLOP-bound speedup"
+            )
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.3)
             if row == 0 and col == 0:
@@ -393,10 +439,10 @@ def pareto_plot(groups: dict[str, list[Entry]], measured: bool, path: Path) -> N
 
 def grid_plot(samples: Any, groups: dict[str, list[Entry]], path: Path) -> None:
     """Rows: methods; columns: the first seeds (one per class); one panel per scenario."""
-    import matplotlib
+    import matplotlib  # optional (the ``bench`` extra): only the PNGs need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no GUI backend
 
     panels = []
     for sc, entries in groups.items():
@@ -410,7 +456,9 @@ def grid_plot(samples: Any, groups: dict[str, list[Entry]], path: Path) -> None:
     pad, cell = 2, 28 + 2
     # Size the figure to the canvas (0.3 inch per digit) plus room for the method names.
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(len(panels) * (0.3 * cols + 2.6), 0.3 * rows + 0.8),
+        1,
+        len(panels),
+        figsize=(len(panels) * (0.3 * cols + 2.6), 0.3 * rows + 0.8),
         squeeze=False,
     )
     for ax, (sc, names) in zip(axes[0], panels, strict=True):
@@ -452,8 +500,11 @@ def write_report(results: Path, stem: str = "") -> Path:
     merged_rows: list[dict[str, Any]] = []
     for entries in groups.values():
         for e in entries:
-            row: dict[str, Any] = dict(e.q) if e.q else {
-                "scenario": (e.s or {}).get("scenario"), "family": e.family, "method": e.name}
+            row: dict[str, Any] = (
+                dict(e.q)
+                if e.q
+                else {"scenario": (e.s or {}).get("scenario"), "family": e.family, "method": e.name}
+            )
             for k, v in (e.s or {}).items():
                 if k not in ("scenario", "family", "method"):
                     row[f"speed_{k}"] = v
@@ -537,9 +588,7 @@ def write_report(results: Path, stem: str = "") -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality_report")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.report")
     p.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
