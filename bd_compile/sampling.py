@@ -111,10 +111,8 @@ def load_reference(
     class_name = json.loads(config.read_text()).get("_class_name")
     if class_name != DiTTransformer2DModel.__name__:
         raise ValueError(f"expected a saved DiTTransformer2DModel, got {class_name!r} in {config}")
-    model = DiTTransformer2DModel.from_pretrained(
-        folder, local_files_only=True, torch_dtype=torch.float32
-    )
-    cast(torch.nn.Module, model).to(device=device, dtype=dtype).eval()
+    model = DiTTransformer2DModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    cast(torch.nn.Module, model).to(device=device).eval()
     found = _scheduler_folder(folder)
     if found is None:
         log.info("no scheduler config next to %s: using DiT's DDPM schedule", folder)
