@@ -14,26 +14,51 @@ The package, one concern per module:
 - ``report``: the plain-English summary and the figures (matplotlib, optional);
 - ``calibrate``: the calibration rule and its JSON file (``bd_compile.calibration`` re-exports it);
 - ``__main__``: the command line, ``python -m bd_compile.analysis``.
+
+The names below are loaded on first use (PEP 562): the backend imports ``calibrate`` to read a
+calibration file, and that must not pull in the recording and sampling stack (diffusers models).
 """
 
 from __future__ import annotations
 
-from bd_compile.analysis.calibrate import (
-    Calibration,
-    calibrate,
-    load_calibration,
-    save_calibration,
-    window_start,
-)
-from bd_compile.analysis.record import analyze, block_outputs, recording_backend
-from bd_compile.analysis.result import ANALYSIS_FORMAT, Analysis
-from bd_compile.analysis.stats import (
-    StatsSink,
-    cosine_matrix,
-    cosine_similarity,
-    relative_l2,
-    x0_ssim,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bd_compile.analysis.calibrate import (
+        Calibration,
+        calibrate,
+        load_calibration,
+        save_calibration,
+        window_start,
+    )
+    from bd_compile.analysis.record import analyze, block_outputs, recording_backend
+    from bd_compile.analysis.result import ANALYSIS_FORMAT, Analysis
+    from bd_compile.analysis.stats import (
+        StatsSink,
+        cosine_matrix,
+        cosine_similarity,
+        relative_l2,
+        x0_ssim,
+    )
+
+_MODULE_OF = {
+    "Calibration": "calibrate",
+    "calibrate": "calibrate",
+    "load_calibration": "calibrate",
+    "save_calibration": "calibrate",
+    "window_start": "calibrate",
+    "analyze": "record",
+    "block_outputs": "record",
+    "recording_backend": "record",
+    "ANALYSIS_FORMAT": "result",
+    "Analysis": "result",
+    "StatsSink": "stats",
+    "cosine_matrix": "stats",
+    "cosine_similarity": "stats",
+    "relative_l2": "stats",
+    "x0_ssim": "stats",
+}
 
 __all__ = [
     "ANALYSIS_FORMAT",
@@ -52,3 +77,12 @@ __all__ = [
     "window_start",
     "x0_ssim",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
