@@ -1,9 +1,9 @@
 """Kept importable for the backend and existing callers: the calibration now lives in
-``bd_compile.analysis.calibrate`` (see Note [The calibration rule] there)."""
+``bd_compile.analysis.calibration`` (see Note [The calibration rule] there)."""
 
 from __future__ import annotations
 
-from bd_compile.analysis.calibrate import (
+from bd_compile.analysis.calibration import (
     CALIBRATION_FORMAT,
     DEFAULT_END,
     DEFAULT_STRUCTURE_THRESHOLD,

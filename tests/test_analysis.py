@@ -30,7 +30,7 @@ from bd_compile.analysis import (
     relative_l2,
 )
 from bd_compile.analysis.__main__ import main
-from bd_compile.analysis.calibrate import (
+from bd_compile.analysis.calibration import (
     Calibration,
     calibrate,
     load_calibration,

@@ -12,11 +12,12 @@ The package, one concern per module:
 - ``stats``: the streaming statistics (cosine, relative L2, step x step matrix, x0 SSIM);
 - ``result``: ``Analysis``, the arrays of one run, and its JSON form (numpy only);
 - ``report``: the plain-English summary and the figures (matplotlib, optional);
-- ``calibrate``: the calibration rule and its JSON file (``bd_compile.calibration`` re-exports it);
+- ``calibration``: the calibration rule (``calibrate``) and its JSON file
+  (``bd_compile.calibration`` re-exports it);
 - ``__main__``: the command line, ``python -m bd_compile.analysis``.
 
-The names below are loaded on first use (PEP 562): the backend imports ``calibrate`` to read a
-calibration file, and that must not pull in the recording and sampling stack (diffusers models).
+The names below are loaded on first use (PEP 562): the backend imports ``calibration`` to read
+a calibration file, and that must not pull in the recording and sampling stack (diffusers models).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bd_compile.analysis.calibrate import (
+    from bd_compile.analysis.calibration import (
         Calibration,
         calibrate,
         load_calibration,
@@ -43,11 +44,11 @@ if TYPE_CHECKING:
     )
 
 _MODULE_OF = {
-    "Calibration": "calibrate",
-    "calibrate": "calibrate",
-    "load_calibration": "calibrate",
-    "save_calibration": "calibrate",
-    "window_start": "calibrate",
+    "Calibration": "calibration",
+    "calibrate": "calibration",
+    "load_calibration": "calibration",
+    "save_calibration": "calibration",
+    "window_start": "calibration",
     "analyze": "record",
     "block_outputs": "record",
     "recording_backend": "record",
@@ -83,6 +84,8 @@ def __getattr__(name: str) -> Any:
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Note: no module of this package is named like one of its names (``calibrate`` lives in
+    # ``calibration``), or importing the module would shadow the name.
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bd_compile.analysis.calibrate import (
+from bd_compile.analysis.calibration import (
     DEFAULT_END,
     DEFAULT_STRUCTURE_THRESHOLD,
     DEFAULT_THRESHOLD,
@@ -34,7 +34,7 @@ HELP = """\
 Measure, for every transformer block and every denoising step, how similar the block's output
 is to the previous step's (cosine similarity and relative L2), the step x step similarity of
 one block, and the SSIM of adjacent steps' predicted x0; then pick BlockDance's cache_block and
-reuse window from it (see bd_compile/analysis/calibrate.py, Note [The calibration rule]).
+reuse window from it (see bd_compile/analysis/calibration.py, Note [The calibration rule]).
 
 Supported models: a folder saved by diffusers' save_pretrained holding a class-conditional
 DiT (DiTTransformer2DModel: labels 0..num_embeds_ada_norm-1, null class num_embeds_ada_norm for

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bd_compile.analysis.calibrate import DEFAULT_THRESHOLD, Calibration
+from bd_compile.analysis.calibration import DEFAULT_THRESHOLD, Calibration
 
 if TYPE_CHECKING:
     from bd_compile.analysis.result import Analysis

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bd_compile.analysis import report
-from bd_compile.analysis.calibrate import Calibration, calibrate
+from bd_compile.analysis.calibration import Calibration, calibrate
 from bd_compile.analysis.stats import StatsSink, cosine_matrix
 
 log = logging.getLogger(__name__)

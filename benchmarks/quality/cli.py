@@ -12,7 +12,7 @@ import torch._dynamo
 from diffusers.utils import logging as diffusers_logging
 
 import benchmarks.quality
-from bd_compile.analysis.calibrate import load_calibration
+from bd_compile.analysis.calibration import load_calibration
 from bd_compile.data import REFERENCE_MODEL
 from benchmarks.quality import quality, speed
 from benchmarks.quality.plan import Scenario, Setup

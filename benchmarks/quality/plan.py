@@ -18,7 +18,7 @@ import torch
 
 import bd_compile
 from bd_compile import default_cache_block
-from bd_compile.analysis.calibrate import Calibration
+from bd_compile.analysis.calibration import Calibration
 from bd_compile.sampling import load_reference, make_scheduler
 from benchmarks.common import flop_bound_speedup, region_flop_fraction
 
