@@ -14,11 +14,16 @@ import torch._dynamo
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
 
 from benchmarks.common import log
-from benchmarks.quality.plan import Method, Scenario
+from benchmarks.quality.plan import Method, Scenario, Setup
 from benchmarks.reference.sampling import sample
 
 if TYPE_CHECKING:
     from benchmarks.quality.engines import Engines
+
+
+#: Candidate FirstBlockCache thresholds probed to match the BlockDance speedups.
+FBC_GRID = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)
+FBC_GRID_QUICK = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 class FirstBlockCacheModel:
@@ -149,3 +154,34 @@ def probe_fbc_thresholds(
         best = min(skipping, key=lambda th: (abs(math.log(bounds[th] / target)), th))
         chosen.setdefault(best, []).append(f"{name} ({target:.2f}x)")
     return sorted(chosen), {thr: "; ".join(names) for thr, names in chosen.items()}
+
+
+def match_blockdance(
+    engines: Engines,
+    setup: Setup,
+    sc: Scenario,
+    planned: Sequence[Method],
+    labels: torch.Tensor,
+    noise: torch.Tensor,
+    fraction: float,
+) -> tuple[list[float], dict[float, str]]:
+    """FirstBlockCache thresholds matched to the FLOP-bound speedups of the BlockDance methods of
+    the first window in ``planned`` (``probe_fbc_thresholds`` on ``labels``/``noise``; a
+    coarser grid and fewer bisections with ``--quick``)."""
+    quick = setup.args.quick
+    targets = [
+        (m.name, m.flop_bound(sc.steps, m.planned_reuse or 0))
+        for m in planned
+        if m.family == "blockdance" and m.window == setup.windows[0]
+    ]
+    return probe_fbc_thresholds(
+        engines,
+        sc,
+        targets,
+        labels,
+        noise,
+        setup.args.guidance,
+        FBC_GRID_QUICK if quick else FBC_GRID,
+        fraction,
+        2 if quick else 4,
+    )

@@ -22,9 +22,6 @@ from bd_compile.analysis.calibration import Calibration
 from bd_compile.sampling import load_reference, make_scheduler
 from benchmarks.common import flop_bound_speedup, region_flop_fraction
 
-#: Candidate FirstBlockCache thresholds probed to match the BlockDance speedups.
-FBC_GRID = (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)
-FBC_GRID_QUICK = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 #: Seed offset of the "different seed" floor: sample i uses seed + OTHER_SEED_OFFSET + i.
 OTHER_SEED_OFFSET = 1_000_000
 #: Samples per method kept for the side-by-side grid (labels 0..9: one per class).

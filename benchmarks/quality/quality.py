@@ -17,10 +17,8 @@ from bd_compile.metrics import psnr, ssim
 from benchmarks.common import log, machine, write_csv
 from benchmarks.fid import frechet_distance
 from benchmarks.quality.engines import Engines, generate_all
-from benchmarks.quality.fbc import probe_fbc_thresholds
+from benchmarks.quality.fbc import match_blockdance
 from benchmarks.quality.plan import (
-    FBC_GRID,
-    FBC_GRID_QUICK,
     GRID_SAMPLES,
     OTHER_SEED_OFFSET,
     PSNR_CAP_DB,
@@ -185,22 +183,9 @@ def run_quality(setup: Setup) -> None:
         if args.fbc_thresholds:
             thresholds = list(args.fbc_thresholds)
         else:
-            targets = [
-                (m.name, m.flop_bound(sc.steps, m.planned_reuse or 0))
-                for m in plan0
-                if m.family == "blockdance" and m.window == setup.windows[0]
-            ]
             k = min(n, args.fbc_probe_samples)
-            thresholds, fbc_matches = probe_fbc_thresholds(
-                engines,
-                sc,
-                targets,
-                labels[:k].to(device),
-                noise[:k].to(device),
-                args.guidance,
-                FBC_GRID_QUICK if args.quick else FBC_GRID,
-                fr.fbc,
-                2 if args.quick else 4,
+            thresholds, fbc_matches = match_blockdance(
+                engines, setup, sc, plan0, labels[:k].to(device), noise[:k].to(device), fr.fbc
             )
         chosen_fbc[sc.key] = thresholds
         methods = [

@@ -13,10 +13,8 @@ import torch
 
 from benchmarks.common import log, machine, median, timed, write_csv
 from benchmarks.quality.engines import Engines
-from benchmarks.quality.fbc import fbc_graph_breaks, probe_fbc_thresholds
+from benchmarks.quality.fbc import fbc_graph_breaks, match_blockdance
 from benchmarks.quality.plan import (
-    FBC_GRID,
-    FBC_GRID_QUICK,
     Method,
     Scenario,
     Setup,
@@ -80,22 +78,7 @@ def run_speed(setup: Setup) -> None:
         )
         if thresholds is None:
             plan0 = plan_methods(setup, sc, num_blocks, ts, fr, [])
-            targets = [
-                (m.name, m.flop_bound(sc.steps, m.planned_reuse or 0))
-                for m in plan0
-                if m.family == "blockdance" and m.window == setup.windows[0]
-            ]
-            thresholds, _ = probe_fbc_thresholds(
-                engines,
-                sc,
-                targets,
-                labels,
-                noise,
-                args.guidance,
-                FBC_GRID_QUICK if args.quick else FBC_GRID,
-                fr.fbc,
-                2 if args.quick else 4,
-            )
+            thresholds, _ = match_blockdance(engines, setup, sc, plan0, labels, noise, fr.fbc)
         methods = plan_methods(setup, sc, num_blocks, ts, fr, thresholds)
         methods.insert(1, replace(methods[0], name="full (blockdance, N=1)", engine="bd"))
         methods.insert(1, replace(methods[0], name="full (eager)", engine="eager"))
