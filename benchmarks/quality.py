@@ -242,9 +242,7 @@ def planned_reuse(timesteps: Sequence[float], interval: int, window: tuple[float
     reuses: there is no cache yet)."""
     import bd_compile
 
-    sched = bd_compile.make_schedule(interval=interval, window=window)
-    sched.start()
-    flags = [sched.step(t) for t in timesteps]
+    flags = bd_compile.plan(timesteps, interval=interval, window=window)
     return sum(flags[1:])
 
 
@@ -430,9 +428,8 @@ class Engines:
         images = sample(denoise, scheduler, labels, m.steps, guidance, noise=noise)
         if not traced:
             return images, 0, m.steps, ""
-        history = [c for rt in bd_compile.runtimes_of(model) for c in rt.layout.history]
-        pattern = "".join("R" if c.reused else "C" for c in history)
-        return images, pattern.count("R"), len(history), pattern
+        last = bd_compile.stats(model).last
+        return images, last.reused_calls, last.calls, last.pattern
 
     @staticmethod
     def _warm_up(
