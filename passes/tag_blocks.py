@@ -48,6 +48,9 @@ def normalize_module_path(path: str) -> str:
     path = re.sub(r"^L\[['\"](\w+)['\"]\]", r"\1", path)  # a module passed as an argument
     path = _GETATTR.sub(r".\1", path)
     path = _INDEX.sub(r".\1", path)  # a list of blocks held in a local: L['stages'][3]
+    # A forward wrapped by a hook that keeps the bound method (diffusers' context-parallel
+    # hooks): function_reference.forward.__self__.transformer_blocks.0 -> transformer_blocks.0
+    path = re.sub(r"^.*\.__self__\.", "", path)
     return path.lstrip(".")
 
 

@@ -385,3 +385,23 @@ def test_inductor_end_to_end_matches_reference() -> None:
     ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")
     torch.testing.assert_close(got.latents, ref.latents, rtol=1e-3, atol=1e-4)
     assert counters["blockdance"]["reuse_steps"] == sum(plan) > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "want"),
+    [
+        (
+            "L['self'].__dict__['_modules']['transformer_blocks'].3.attn1",
+            "transformer_blocks.3.attn1",
+        ),
+        ("L['stages'][3].norm1", "stages.3.norm1"),  # blocks in a local list after a graph break
+        (  # diffusers' context-parallel hooks keep the bound forward
+            "L['self'].function_reference.forward.__self__.transformer_blocks.0",
+            "transformer_blocks.0",
+        ),
+    ],
+)
+def test_module_paths_read_as_users_know_them(path: str, want: str) -> None:
+    from passes.tag_blocks import normalize_module_path
+
+    assert normalize_module_path(path) == want
