@@ -6,10 +6,22 @@ import (entry point ``torch_dynamo_backends``); importing this package registers
 
 from __future__ import annotations
 
-from bd_compile.api import explain, reset, runtimes_of, set_schedule
+from bd_compile.api import (
+    GraphStats,
+    Stats,
+    explain,
+    generation,
+    plan,
+    reset,
+    runtimes_of,
+    set_schedule,
+    stats,
+)
 from bd_compile.backend import BlockDanceError, blockdance_backend, build_runtime, compile_graph
+from bd_compile.loop import GenerationStats
 from bd_compile.schedule import make_schedule, paper_rule
-from bd_compile.settings import Settings, default_cache_block, from_options
+from bd_compile.settings import Settings, from_options
+from passes import default_cache_block
 
 
 def _register() -> None:
@@ -29,16 +41,22 @@ _register()
 
 __all__ = [
     "BlockDanceError",
+    "GenerationStats",
+    "GraphStats",
     "Settings",
+    "Stats",
     "blockdance_backend",
     "build_runtime",
     "compile_graph",
     "default_cache_block",
     "explain",
     "from_options",
+    "generation",
     "make_schedule",
     "paper_rule",
+    "plan",
     "reset",
     "runtimes_of",
     "set_schedule",
+    "stats",
 ]

@@ -1,40 +1,48 @@
-"""The ``blockdance`` torch.compile backend: parse options, run the passes, compile the parts.
+"""The ``blockdance`` torch.compile backend: a thin composition.
 
-Thin by design: settings -> ``passes.PIPELINE`` -> inner compiler per part -> runtime. A graph
-the passes cannot handle goes to the inner compiler unchanged with one warning (or raises
-``BlockDanceError`` under ``strict``).
+options -> ``Settings`` -> the model's ``LoopState`` -> ``passes.rewrite`` -> inner compiler per
+part -> ``GraphRuntime``. A graph the passes cannot handle goes to the inner compiler unchanged
+with one warning saying why (or raises ``BlockDanceError`` under ``strict``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import re
+import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._dynamo.eval_frame import OptimizedModule
+from torch._dynamo.exc import RestartAnalysis, SkipFrame
 from torch._dynamo.utils import counters
 
 from bd_compile import settings as settings_mod
-from bd_compile.runtime import BlockDanceRuntime, CachedValue, CompiledFn, Layout
-from bd_compile.settings import Settings, default_cache_block
-from passes import Block, RegionError, rewrite
+from bd_compile.loop import LoopState, state_for
+from bd_compile.runtime import CachedValue, CompiledFn, GraphRuntime, Layout, TimestepReader
+from bd_compile.settings import Settings
+from passes import RegionError, Rewritten, find_timestep_input, rewrite
 
 log = logging.getLogger(__name__)
 
-TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas")
+InnerCompiler = Callable[[fx.GraphModule, list[Any]], CompiledFn]
 
 
 class BlockDanceError(RuntimeError):
     """Raised under ``strict=True`` when a graph cannot be rewritten."""
 
 
-def resolve_inner(name: str) -> Callable[[fx.GraphModule, list[Any]], CompiledFn]:
-    """The inner compiler: inductor (imported lazily) or any registered Dynamo backend."""
+def resolve_inner(name: str, patches: dict[str, Any] | None = None) -> InnerCompiler:
+    """The inner compiler: inductor (imported lazily, as torch's own backend does) with the
+    ``inner_options`` config ``patches``, or any registered Dynamo backend."""
     if name == "inductor":
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import compile_fx  # heavy: only when used
 
+        if patches:
+            return functools.partial(compile_fx, config_patches=patches)  # type: ignore[return-value]
         return compile_fx  # type: ignore[return-value]
     from torch._dynamo.backends.registry import lookup_backend
 
@@ -46,133 +54,158 @@ def resolve_inner(name: str) -> Callable[[fx.GraphModule, list[Any]], CompiledFn
         ) from e
 
 
-def _arg_name(placeholder: fx.Node) -> str:
-    name = placeholder.name.lower()
-    name = re.sub(r"^l_(kwargs_)?", "", name)
-    return name.rstrip("_")
-
-
-def find_timestep_input(gm: fx.GraphModule, requested: str | None) -> int:
-    """Index of the placeholder that carries the timestep."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    wanted = (requested.lower(),) if requested else TIMESTEP_NAMES
-    for want in wanted:
-        for i, n in enumerate(placeholders):
-            if _arg_name(n) == want:
-                return i
-    user = [n.name for n in placeholders if not n.name.lower().startswith("l_self_")]
-    raise RegionError(
-        f"no timestep input: expected a graph input named one of {list(wanted)}, got inputs "
-        f"{user}; pass options={{'timestep_input': <argument name>}}"
-    )
-
-
 def apply_calibration(s: Settings) -> tuple[Settings, int | None]:
     """Settings with a calibration file's ``cache_block`` and ``window``, and the block count the
     calibration was made for (``None`` without a calibration). Explicit ``cache_block`` wins."""
     if s.calibration is None:
         return s, None
-    from bd_compile.calibration import load_calibration
+    from bd_compile.calibration import load_calibration  # reads JSON; only when asked for
 
     cal = load_calibration(s.calibration)
     cache_block = s.cache_block if s.cache_block is not None else cal.cache_block
     return s.replace(cache_block=cache_block, window=cal.window, calibration=None), cal.num_blocks
 
 
+def graph_owner(gm: fx.GraphModule) -> torch.nn.Module | None:
+    """What this graph belongs to, if it can be found: the key of the loop state shared by
+    every graph Dynamo makes of one compiled model.
+
+    The ``torch.compile`` wrapper (``OptimizedModule``) on the Python stack: one per
+    ``torch.compile`` call, so two compiles of one module (other options) never share a state,
+    and graph breaks inside a submodule, where Dynamo restarts in the submodule's own frame,
+    still find it. Otherwise (a compiled function) the module whose forward is being traced.
+    """
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        wrapper = frame.f_locals.get("self")
+        if isinstance(wrapper, OptimizedModule):
+            return wrapper
+        frame = frame.f_back
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # not inside Dynamo (the Python API on a captured graph)
+        return None
+    for n in gm.graph.nodes:
+        source = getattr(n.meta.get("grapharg"), "source", None)
+        while source is not None and hasattr(source, "base"):
+            source = source.base
+        name = getattr(source, "local_name", None)
+        if name is not None:
+            owner = tx.f_locals.get(name)
+            if isinstance(owner, torch.nn.Module):
+                return owner
+    return None
+
+
+def _layout(rw: Rewritten, gm: fx.GraphModule, s: Settings) -> Layout:
+    def value(n: fx.Node, name: str) -> CachedValue:
+        v = n.meta["example_value"]
+        if isinstance(v, torch.Tensor):
+            shape = tuple(int(d) if isinstance(d, int) else str(d) for d in v.shape)
+            return CachedValue(name, shape, v.dtype)
+        return CachedValue(name, (), None)
+
+    region = rw.region
+    return Layout(
+        blocks=tuple((b.name, b.cls) for b in region.blocks),
+        cache_block=region.cache_block,
+        cached=tuple(
+            value(n, d) for n, d in zip(region.boundary, region.descriptions, strict=True)
+        ),
+        timestep_input=None if rw.timestep_index is None else rw.input_names[rw.timestep_index],
+        inner=s.inner,
+    )
+
+
 def build_runtime(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
     s: Settings,
-    inner: Callable[[fx.GraphModule, list[Any]], CompiledFn],
-    calibrated_blocks: int | None = None,
-) -> BlockDanceRuntime:
-    """Run the pass pipeline on ``gm`` and compile its three parts with ``inner``."""
-
-    def choose_cache_block(blocks: list[Block]) -> int:
-        if calibrated_blocks is not None and calibrated_blocks != len(blocks):
-            raise RegionError(
-                f"the calibration is for a model of {calibrated_blocks} blocks, this graph has "
-                f"{len(blocks)}"
-            )
-        if len(blocks) < 2:
-            raise RegionError(
-                f"expected at least 2 transformer blocks in the graph, found {len(blocks)}"
-            )
-        return s.cache_block if s.cache_block is not None else default_cache_block(len(blocks))
-
-    region, split = rewrite(gm, choose_cache_block)
-    blocks, cache_block = region.blocks, region.cache_block
-    timestep_index = find_timestep_input(gm, s.timestep_input)
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    prefix_values = {("prefix", i): n for i, n in enumerate(split.prefix_outputs)}
-    cache_values = {("cache", i): n for i, n in enumerate(split.boundary)}
-
-    def examples(spec: Sequence[tuple[str, int]]) -> list[Any]:
-        out = []
-        for src, i in spec:
-            if src == "arg":
-                out.append(example_inputs[i])
-            else:
-                node = (prefix_values if src == "prefix" else cache_values)[(src, i)]
-                out.append(node.meta["example_value"])
-        return out
-
-    prefix_fn = (
-        inner(split.prefix, examples(split.prefix_inputs.sources)) if split.prefix_outputs else None
+    inner: InnerCompiler,
+    state: LoopState,
+    calibrated_for: int | None = None,
+) -> GraphRuntime:
+    """Run the passes on ``gm`` and compile its three parts with ``inner``."""
+    rw = rewrite(
+        gm,
+        example_inputs,
+        timestep_input=s.timestep_input,
+        require_timestep=not state.has_timestep_reader(),
+        cache_block=s.cache_block,
+        calibrated_for=calibrated_for,
     )
-    region_fn = inner(split.region, examples(split.region_inputs.sources))
-    tail_fn = inner(split.tail, examples(split.tail_inputs.sources))
-
+    split = rw.split
+    compiled = (
+        inner(split.prefix.gm, list(split.prefix.example_inputs)) if split.prefix else None,
+        inner(split.region.gm, list(split.region.example_inputs)),
+        inner(split.tail.gm, list(split.tail.example_inputs)),
+    )
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     signature = [
         i
         for i, x in enumerate(example_inputs)
         if not isinstance(x, torch.nn.Parameter) and not placeholders[i].name.startswith("l_self_")
     ]
     params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
-    layout = Layout(
-        blocks=[(b.name, b.cls) for b in blocks],
-        cache_block=cache_block,
-        cached=[
-            CachedValue(n.name, tuple(n.meta["example_value"].shape), n.meta["example_value"].dtype)
-            for n in split.boundary
-        ],
-        timestep_input=placeholders[timestep_index].name,
-        inner=s.inner,
-    )
-    return BlockDanceRuntime(
-        split,
-        (prefix_fn, region_fn, tail_fn),
-        s,
-        timestep_index,
+    return GraphRuntime(
+        (split.prefix, split.region, split.tail),
+        compiled,
+        state,
+        _layout(rw, gm, s),
+        rw.timestep_index,
         signature,
         params,
-        layout,
+        own_cache=bool(settings_mod.inductor_config_patches(s).get("triton.cudagraphs")),
     )
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], s: Settings) -> CompiledFn:
+def _reason(e: Exception) -> str:
+    if isinstance(e, RegionError):
+        return str(e)
+    return f"unexpected {type(e).__name__} while rewriting: {e or 'no message'}"
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    s: Settings,
+    owner: torch.nn.Module | None = None,
+) -> CompiledFn:
     """Rewrite and compile one Dynamo graph; fall back to the inner compiler if it can't."""
-    s, calibrated_blocks = apply_calibration(s)
-    inner = resolve_inner(s.inner)
+    s, calibrated_for = apply_calibration(s)
+    patches = settings_mod.inductor_config_patches(s)
+    inner = resolve_inner(s.inner, patches)
+    params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
+    state = state_for(owner if owner is not None else graph_owner(gm), s, params)
     try:
-        runtime = build_runtime(gm, example_inputs, s, inner, calibrated_blocks)
+        runtime = build_runtime(gm, example_inputs, s, inner, state, calibrated_for)
+    except (RestartAnalysis, SkipFrame):
+        raise  # Dynamo's signals (retrace with floats specialized, ...), not failures
     except Exception as e:
         if s.strict:
-            raise BlockDanceError(f"blockdance could not rewrite the graph: {e}") from e
+            raise BlockDanceError(f"blockdance could not rewrite the graph: {_reason(e)}") from e
         counters["blockdance"]["fallbacks"] += 1
         log.warning(
-            "blockdance: graph left uncached (%s); compiling it with %r unchanged", e, s.inner
+            "blockdance: graph left uncached (%s); compiling it with %r unchanged",
+            _reason(e),
+            s.inner,
         )
-        return inner(gm, list(example_inputs))
+        fn = inner(gm, list(example_inputs))
+        try:  # a graph piece before the blocks may still tell the others where the loop is
+            return TimestepReader(fn, state, find_timestep_input(gm, s.timestep_input))
+        except RegionError:
+            return fn
     counters["blockdance"]["graphs_rewritten"] += 1
+    lay = runtime.layout
     log.info(
         "blockdance: %d blocks, caching 0..%d (%s), %d cached value(s); schedule: %s",
-        len(runtime.layout.blocks),
-        runtime.layout.cache_block,
-        runtime.layout.blocks[runtime.layout.cache_block][0],
-        len(runtime.layout.cached),
-        runtime.schedule.describe(),
+        len(lay.blocks),
+        lay.cache_block,
+        lay.blocks[lay.cache_block][0],
+        len(lay.cached),
+        state.describe(),
     )
     return runtime
 
@@ -184,9 +217,14 @@ def blockdance_backend(
     mode: str | None = None,
     **kwargs: Any,
 ) -> CompiledFn:
-    """``torch.compile(model, backend="blockdance", options={...})``."""
-    if mode not in (None, "default"):
+    """``torch.compile(model, backend="blockdance", options={...})``; ``mode=`` is the inner
+    inductor's mode (``options={"inner_options": {"mode": ...}}``)."""
+    if kwargs:
         raise ValueError(
-            f"blockdance: expected mode=None or 'default' (no inner modes), got {mode!r}"
+            f"blockdance: unknown backend argument(s) {sorted(kwargs)}; expected options={{...}}"
         )
-    return compile_graph(gm, example_inputs, settings_mod.from_options(options))
+    settings = settings_mod.from_options(options)
+    if mode not in (None, "default"):
+        inner_options = {**dict(settings.inner_options), "mode": mode}
+        settings = settings.replace(inner_options=inner_options)
+    return compile_graph(gm, example_inputs, settings)

@@ -1,211 +1,220 @@
-"""The object Dynamo calls: picks the cache or compute path per call and owns the cache.
+"""The object Dynamo calls for one rewritten graph: prefix every call, region on cache steps,
+tail every call. Where the call sits in the sampling loop, and the caches, belong to the
+model's ``LoopState`` (Note [Generations, steps and branches] in ``loop.py``).
 
-Note [Generations, steps and branches]
-The runtime reads the timestep of every call on the host (a few bytes; free on CPU, one small
-device-to-host copy on GPU) and infers where the call sits in a sampling loop:
-
-- a timestep larger than the previous one (or the first call) starts a new **generation**;
-- a smaller one starts a new **step**;
-- an equal one is another **branch** of the same step (sequential classifier-free guidance
-  calls the model for cond, then uncond, at one timestep).
-
-Every branch has its own cache slot, stamped with the generation and the input shapes that
-wrote it. A call reuses only if the schedule allows its step *and* its slot was written in this
-generation with the same shapes; otherwise it computes and rewrites the slot. So a cache is
-never read before it was written in the same generation, branches never read each other's
-cache, and a new batch size or resolution never reads a cache of another shape.
+Note [Forecast reuse]
+With ``forecast = k`` (1 or 2) a branch keeps the cached values of its last ``k + 1`` cache
+steps with their progress ``x_i`` along the trajectory. A reuse step at progress ``x`` feeds the
+tail the polynomial through those points evaluated at ``x`` (TaylorSeer-style finite
+differences, written as Lagrange weights ``w_i = prod_{j != i} (x - x_j) / (x_i - x_j)``: order
+1 is linear from the last two cache steps, order 2 quadratic from three). The weights are
+computed on the host from scalars; the weighted sum runs as one small compiled graph per inner
+compiler and order (``compiled_combine``), with the weights as a tensor input, so changing
+``forecast`` or the step never recompiles. Until ``k + 1`` cache steps exist, a reuse step
+copies. Numbers cached next to the tensors (sizes) are taken from the last cache step.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import weakref
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._dynamo.utils import counters
 
-from bd_compile.schedule import schedule_for
-from bd_compile.settings import Settings
-from passes.split_cached_region import InputSpec, SplitGraphs
+from bd_compile.loop import LoopState, Signature, Slot
 
 log = logging.getLogger(__name__)
 
 CompiledFn = Callable[..., Any]
 
-# Calls at one timestep beyond this many are not cached: a loop that calls the model many times
-# at the same timestep (not a sampler) must not grow the cache without bound.
-MAX_BRANCHES = 4
 
-
-@dataclass
-class _Slot:
-    values: tuple[torch.Tensor, ...]
-    generation: int
-    signature: tuple[Any, ...]
-
-
-@dataclass
-class CallRecord:
-    timestep: float
-    step: int
-    branch: int
-    reused: bool
-
-
-@dataclass
+@dataclass(frozen=True)
 class CachedValue:
-    name: str
-    shape: tuple[Any, ...]
-    dtype: torch.dtype
+    """One value a cache step stores: where it comes from (in the model's terms), its shape."""
+
+    name: str  #: e.g. "transformer_blocks.8 output"
+    shape: tuple[int | str, ...]  #: symbolic dims as their expression ("s0")
+    dtype: torch.dtype | None  #: None for a number (a size computed inside the blocks)
 
     @property
     def nbytes(self) -> int | None:
-        try:
-            n = 1
-            for s in self.shape:
-                n *= int(s)
-            return n * self.dtype.itemsize
-        except (TypeError, ValueError):  # symbolic dims
-            return None
+        if self.dtype is None:
+            return 0
+        if not all(isinstance(s, int) for s in self.shape):
+            return None  # symbolic: known per call only
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n * self.dtype.itemsize
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layout:
-    """What was found and what is cached; shown by ``bd_compile.explain``."""
+    """What was found in one graph and what is cached; shown by ``bd_compile.explain``."""
 
-    blocks: list[tuple[str, str]]  # (module path, class)
+    blocks: tuple[tuple[str, str], ...]  #: (module path, class), execution order
     cache_block: int
-    cached: list[CachedValue]
-    timestep_input: str
+    cached: tuple[CachedValue, ...]
+    timestep_input: str | None  #: the forward's argument name; None: follows another graph
     inner: str
-    history: list[CallRecord] = field(default_factory=list)
 
-
-class _Gather:
-    """Builds a split graph's argument list from the call's args, prefix outputs and cache."""
-
-    _POOL = {"arg": 0, "prefix": 1, "cache": 2}
-
-    def __init__(self, spec: InputSpec) -> None:
-        self.spec = tuple((self._POOL[src], i) for src, i in spec.sources)
-
-    def __call__(self, *pools: Sequence[Any]) -> list[Any]:
-        return [pools[p][i] for p, i in self.spec]
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Graphs with equal keys may read each other's caches (recompiles of one graph)."""
+        return (
+            tuple(b for b, _ in self.blocks[: self.cache_block + 1]),
+            tuple((v.name, v.dtype, len(v.shape)) for v in self.cached),
+        )
 
 
 def _as_tuple(out: Any) -> tuple[Any, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-_RUNTIMES: list[weakref.ReferenceType[BlockDanceRuntime]] = []
+def lagrange_weights(xs: Sequence[float], x: float) -> list[float]:
+    """Weights ``w`` with ``sum(w_i * f(x_i)) = p(x)`` for the polynomial ``p`` through the
+    points ``(x_i, f(x_i))``: linear extrapolation from two points, quadratic from three."""
+    return [
+        math.prod((x - xj) / (xi - xj) for j, xj in enumerate(xs) if j != i)
+        for i, xi in enumerate(xs)
+    ]
 
 
-def live_runtimes() -> list[BlockDanceRuntime]:
-    """Every runtime still referenced by a compiled model, oldest first."""
-    alive = [r() for r in _RUNTIMES]
-    _RUNTIMES[:] = [weakref.ref(r) for r in alive if r is not None]
-    return [r for r in alive if r is not None]
+def _linear(weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a * weights[0] + b * weights[1]
 
 
-class BlockDanceRuntime:
-    """Runs one rewritten graph: prefix every call, region on cache steps, tail every call."""
+def _quadratic(
+    weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
+    return a * weights[0] + b * weights[1] + c * weights[2]
+
+
+@functools.cache
+def compiled_combine(inner: str, order: int) -> Callable[..., torch.Tensor]:
+    """The weighted sum of ``order + 1`` cached values, compiled once per inner compiler and
+    order (one function per order: switching ``forecast`` never recompiles either)."""
+    return torch.compile(_linear if order == 1 else _quadratic, backend=inner, fullgraph=True)
+
+
+def read_timestep(arg: Any) -> float:
+    """The first element of the timestep argument, on the host."""
+    return float(arg.reshape(-1)[0]) if isinstance(arg, torch.Tensor) else float(arg)
+
+
+class GraphRuntime:
+    """Runs one rewritten graph; the cache/compute decision comes from the model's loop state."""
 
     def __init__(
         self,
-        split: SplitGraphs,
+        parts: tuple[Any, Any, Any],
         compiled: tuple[CompiledFn | None, CompiledFn, CompiledFn],
-        settings: Settings,
-        timestep_index: int,
+        state: LoopState,
+        layout: Layout,
+        timestep_index: int | None,
         signature_indices: Sequence[int],
         param_ids: frozenset[int],
-        layout: Layout,
+        own_cache: bool = False,
     ) -> None:
-        self.prefix_fn, region_fn, self.tail_fn = compiled
-        assert region_fn is not None, "the region graph always has blocks in it"
-        self.region_fn: CompiledFn = region_fn
-        self.gather_prefix = _Gather(split.prefix_inputs)
-        self.gather_region = _Gather(split.region_inputs)
-        self.gather_tail = _Gather(split.tail_inputs)
-        self.settings = settings  # the schedule is built from it; set_settings replaces it
-        self.schedule = schedule_for(settings)
+        self.prefix, self.region, self.tail = parts
+        self.prefix_fn, self.region_fn, self.tail_fn = compiled
+        self.state = state
+        self.layout = layout
+        self.layout_key = layout.key
         self.timestep_index = timestep_index
         self.signature_indices = tuple(signature_indices)
         self.param_ids = param_ids
-        self.layout = layout
-        self.reset()
-        _RUNTIMES.append(weakref.ref(self))
+        #: Note [Caches under CUDA graphs]: a CUDA-graph replay overwrites the outputs of the
+        #: previous replay, so with cudagraphs the cache lives in buffers this runtime owns,
+        #: copied into in place on every cache step (one extra cache of memory per branch).
+        self.own_cache = own_cache
+        state.add(self)
 
-    def reset(self) -> None:
-        """Forget all caches and the position in the sampling loop."""
-        self.slots: dict[int, _Slot] = {}
-        self.generation = 0
-        self.step = -1
-        self.branch = 0
-        self.last_t: float | None = None
-        self.step_may_reuse = False
-        self.layout.history = []
-        self.schedule.start()
+    def _own(
+        self, values: tuple[Any, ...], old: Slot | None, signature: Signature
+    ) -> tuple[Any, ...]:
+        if old is not None and old.signature == signature:
+            for buf, v in zip(old.values, values, strict=True):
+                if isinstance(buf, torch.Tensor):
+                    buf.copy_(v)
+            return old.values
+        return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values)
 
-    def set_settings(self, settings: Settings) -> None:
-        """Rebuild the schedule from ``settings`` and start over (no recompile)."""
-        self.settings, self.schedule = settings, schedule_for(settings)
-        self.reset()
+    def _forecast(self, slot: Slot, x: float, order: int) -> tuple[Any, ...]:
+        """The cached values extrapolated to progress ``x`` (Note [Forecast reuse])."""
+        points = slot.history[-(order + 1) :]
+        if len(points) < order + 1:
+            return slot.values  # not enough cache steps yet: copy
+        weights = lagrange_weights([p for p, _ in points], x)
+        combine = compiled_combine(self.layout.inner, order)
+        out: list[Any] = []
+        for i, last in enumerate(slot.values):
+            if not isinstance(last, torch.Tensor):
+                out.append(last)
+                continue
+            w = torch.tensor(weights, dtype=last.dtype).to(last.device, non_blocking=True)
+            out.append(combine(w, *(values[i] for _, values in points)))
+        return tuple(out)
 
-    def _signature(self, args: Sequence[Any]) -> tuple[Any, ...]:
+    def _signature(self, args: Sequence[Any]) -> Signature:
         return tuple(
             (a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a
             for a in (args[i] for i in self.signature_indices)
         )
 
-    def _advance(self, t: float) -> None:
-        if self.last_t is None or t > self.last_t:
-            self.generation += 1
-            self.slots.clear()  # free the previous generation's caches
-            self.step, self.branch = 0, 0
-            self.layout.history = []
-            self.schedule.start()
-            self.step_may_reuse = self.schedule.step(t)
-        elif t < self.last_t:
-            self.step, self.branch = self.step + 1, 0
-            self.step_may_reuse = self.schedule.step(t)
-        else:
-            self.branch += 1
-        self.last_t = t
-
     def __call__(self, *args: Any) -> Any:
-        t_arg = args[self.timestep_index]
-        t = float(t_arg.reshape(-1)[0]) if isinstance(t_arg, torch.Tensor) else float(t_arg)
-        self._advance(t)
+        state = self.state
+        ks = state.current()
+        t = None
+        if self.timestep_index is not None and not ks.counts_steps:  # Note [Counted steps]
+            t = read_timestep(args[self.timestep_index])
+        gen, branch = state.advance(ks, self.layout_key, t)
         signature = self._signature(args)
-        slot = self.slots.get(self.branch)
-        reuse = (
-            self.step_may_reuse
-            and slot is not None
-            and slot.generation == self.generation
-            and slot.signature == signature
-        )
-        prefix = (
-            _as_tuple(self.prefix_fn(*self.gather_prefix(args, (), ()))) if self.prefix_fn else ()
-        )
+        slot_key = (self.layout_key, branch)
+        slot = gen.slots.get(slot_key)
+        reuse = gen.step_may_reuse and slot is not None and slot.signature == signature
+        prefix = _as_tuple(self.prefix_fn(*self.prefix.gather(args))) if self.prefix_fn else ()
+        order = state.settings.forecast
         if reuse:
             assert slot is not None
-            cache = slot.values
-            counters["blockdance"]["reuse_steps"] += 1
+            cache = self._forecast(slot, gen.progress, order) if order else slot.values
+        elif self.own_cache and not order:
+            out = _as_tuple(self.region_fn(*self.region.gather(args, prefix)))
+            cache = self._own(out, slot, signature)
+            state.store(gen, slot_key, Slot(cache, signature))
         else:
-            # Free the old cache (our reference too) before the new one is made: at the peak
-            # there is one cache per branch, not two.
+            # Free what the new cache replaces (our reference too) before it is made: at the
+            # peak a branch holds forecast + 1 caches, not forecast + 2.
+            kept = slot.history[len(slot.history) - order :] if order and slot else ()
+            if slot is not None and slot.signature != signature:
+                kept = ()
             slot = None
-            self.slots.pop(self.branch, None)
-            cache = _as_tuple(self.region_fn(*self.gather_region(args, prefix, ())))
-            if self.branch < MAX_BRANCHES:
-                self.slots[self.branch] = _Slot(cache, self.generation, signature)
-            counters["blockdance"]["cache_steps"] += 1
-        self.layout.history.append(CallRecord(t, self.step, self.branch, reuse))
-        return self.tail_fn(*self.gather_tail(args, prefix, cache))
+            state.store(gen, slot_key, None)
+            cache = _as_tuple(self.region_fn(*self.region.gather(args, prefix)))
+            if self.own_cache:
+                cache = tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in cache)
+            history = (*kept, (gen.progress, cache)) if order else ()
+            state.store(gen, slot_key, Slot(cache, signature, history))
+        state.record(gen, reuse)
+        return self.tail_fn(*self.tail.gather(args, prefix, cache))
 
-    def cache_bytes(self) -> int:
-        """Bytes held by the caches right now (all branches)."""
-        return sum(v.numel() * v.element_size() for s in self.slots.values() for v in s.values)
+
+class TimestepReader:
+    """A graph without blocks that has the timestep (the first piece of a forward with a graph
+    break): runs uncached, and tells the loop state where the loop is, for the graphs after it."""
+
+    def __init__(self, fn: CompiledFn, state: LoopState, timestep_index: int) -> None:
+        self.fn, self.state, self.timestep_index = fn, state, timestep_index
+        self.layout_key = ("timestep reader",)
+        self.param_ids: frozenset[int] = frozenset()
+        state.add(self)
+
+    def __call__(self, *args: Any) -> Any:
+        ks = self.state.current()
+        t = None if ks.counts_steps else read_timestep(args[self.timestep_index])
+        self.state.advance(ks, self.layout_key, t)
+        return self.fn(*args)

@@ -6,7 +6,9 @@ still computes when no valid cache exists (first call of a generation, new shape
 that has not written its cache yet), so a schedule never has to reason about validity.
 
 - ``ProgressSchedule`` (default): needs no step count. It places a step on the trajectory by
-  its timestep relative to the generation's first timestep, ``p = (t0 - t) / t0``, and counts
+  its timestep relative to the generation's first timestep (``progress``: ``p = (t0 - t) / t0``
+  for falling time, ``(t - t0) / (end - t0)`` for rising time such as Lumina's ``1 - sigma``),
+  and counts
   steps inside ``start <= p < end``; the first of every ``interval`` of them computes. For evenly
   spaced timesteps (DDIM, DPM-Solver++, Euler/PNDM on DDPM models) ``p`` equals ``i / S`` up to
   one step, so the number of reuse steps is within one of ``paper_rule``. For flow-matching
@@ -41,12 +43,28 @@ def paper_rule(num_steps: int, window: tuple[float, float], interval: int) -> li
     return [lo <= i < hi and (i - lo) % interval != 0 for i in range(num_steps)]
 
 
+def progress(t0: float, t: float, direction: int) -> float:
+    """Where timestep ``t`` sits on a trajectory that started at ``t0``, in [0, 1].
+
+    ``direction`` is -1 for falling time (DDPM/DDIM timesteps, flow-matching sigma: ends at 0),
+    +1 for rising time (Lumina's ``1 - sigma``: ends at 1, or at 1000 for timesteps above 1),
+    0 while unknown (the first step of a generation: progress 0).
+    """
+    if direction < 0:
+        return (t0 - t) / t0 if t0 > 0 else 0.0
+    if direction > 0:
+        end = 1.0 if max(t0, t) <= 1.0 else 1000.0
+        return (t - t0) / (end - t0) if end > t0 else 0.0
+    return 0.0
+
+
 class Schedule(Protocol):
     def start(self) -> None:
         """A new generation begins."""
 
-    def step(self, t: float) -> bool:
-        """Whether the denoising step at timestep ``t`` may reuse the cache."""
+    def step(self, t: float, progress: float) -> bool:
+        """Whether the denoising step at timestep ``t`` (``progress`` along the trajectory, see
+        ``progress``) may reuse the cache."""
 
     def describe(self) -> str: ...
 
@@ -59,13 +77,9 @@ class ProgressSchedule:
         self.start()
 
     def start(self) -> None:
-        self._t0: float | None = None
         self._in_window = 0
 
-    def step(self, t: float) -> bool:
-        if self._t0 is None:
-            self._t0 = t
-        progress = (self._t0 - t) / self._t0 if self._t0 > 0 else 0.0
+    def step(self, t: float, progress: float) -> bool:
         start, end = self.window
         if not (start <= progress < end or progress == end == 1.0):  # end 1.0: the last step too
             return False
@@ -75,7 +89,7 @@ class ProgressSchedule:
     def describe(self) -> str:
         return (
             f"BlockDance-N, N={self.interval}, window {self.window[0]:.0%}-{self.window[1]:.0%}"
-            " of the trajectory (progress = (t0 - t) / t0 of each generation)"
+            " of the trajectory (progress from each generation's first timestep)"
         )
 
 
@@ -92,7 +106,7 @@ class TimestepSchedule:
     def start(self) -> None:
         pass
 
-    def step(self, t: float) -> bool:
+    def step(self, t: float, progress: float = 0.0) -> bool:
         hit = self._lookup.get(t)
         if hit is None:
             near = int(torch.argmin((self.timesteps - t).abs()))
@@ -126,7 +140,7 @@ class MaskSchedule:
     def start(self) -> None:
         pass
 
-    def step(self, t: float) -> bool:
+    def step(self, t: float, progress: float = 0.0) -> bool:
         i = round(t)
         if abs(i - t) > 1e-6 or not 0 <= i < len(self._flags):
             if not self._warned:

@@ -15,15 +15,9 @@ from typing import Any
 
 import torch
 
-# Note [Default cache block]
-# The paper skips blocks 0..20 of 28 (75% of depth) on reuse steps. For a model with n blocks
-# the default ``cache_block`` is round(0.75 * n) - 1, so 28 -> 20, 12 -> 8, 4 -> 2.
-DEFAULT_DEPTH_FRACTION = 0.75
+from passes.find_cached_region import default_cache_block  # re-exported: a public name
 
-
-def default_cache_block(num_blocks: int) -> int:
-    """Last skipped block for ``num_blocks`` blocks (Note [Default cache block])."""
-    return max(0, min(num_blocks - 2, round(DEFAULT_DEPTH_FRACTION * num_blocks) - 1))
+__all__ = ["FIELDS", "Settings", "default_cache_block", "from_options", "validate"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +25,8 @@ class Settings:
     """BlockDance options. See the README's options table for the user-facing description.
 
     cache_block: index, in execution order over all block lists, of the last block skipped on
-        reuse steps; ``None`` means 75% of depth.
+        reuse steps; ``None`` means 75% of depth (``passes.default_cache_block``). Checked
+        against the graph's block count in ``passes.resolve_cache_block`` only.
     interval: N of BlockDance-N; in the reuse window the first step of every group of N is a
         cache step and the other N-1 reuse the cache. ``1`` computes every step.
     window: (start, end) fractions of the denoising trajectory where reuse may happen.
@@ -44,6 +39,12 @@ class Settings:
     strict: raise instead of falling back to the inner compiler when the graph can't be rewritten.
     timestep_input: name of the forward argument that carries the timestep, if it isn't
         ``timestep``/``t``/``sigma``.
+    forecast: 0 = the paper's copy; 1 or 2 = on a reuse step, extrapolate the cached values
+        from the last ``forecast + 1`` cache steps (linear / quadratic in the trajectory's
+        progress, Note [Forecast reuse] in runtime.py); copies until that many exist.
+    inner_options: for ``inner="inductor"``: ``{"mode": "max-autotune" | "reduce-overhead" |
+        ...}`` and/or inductor config keys (``"triton.cudagraphs": True``), applied to the
+        three graphs' compiles. Stored as sorted (key, value) pairs.
     """
 
     cache_block: int | None = None
@@ -55,6 +56,8 @@ class Settings:
     inner: str = "inductor"
     strict: bool = False
     timestep_input: str | None = None
+    forecast: int = 0
+    inner_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -103,6 +106,38 @@ def validate(s: Settings) -> None:
         raise _fail("timestep_input", "an argument name (str) or None", s.timestep_input)
     if s.calibration is not None and not isinstance(s.calibration, str):
         raise _fail("calibration", "a path (str) or None", s.calibration)
+    if type(s.forecast) is not int or s.forecast not in (0, 1, 2):
+        raise _fail("forecast", "0 (copy), 1 (linear) or 2 (quadratic)", s.forecast)
+    if s.inner_options:
+        inductor_config_patches(s)  # raises on unknown keys or modes
+
+
+INNER_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def inductor_config_patches(s: Settings) -> dict[str, Any]:
+    """The inductor config patches ``inner_options`` stands for (``mode`` expanded as
+    ``torch.compile`` does). Raises ``ValueError`` for another inner compiler, an unknown mode
+    or an unknown config key."""
+    if not s.inner_options:
+        return {}
+    if s.inner != "inductor":
+        raise _fail("inner_options", "no inner_options unless inner='inductor'", s.inner_options)
+    import torch._inductor  # inductor's config: only when inner_options are given
+
+    options = dict(s.inner_options)
+    mode = options.pop("mode", None)
+    patches: dict[str, Any] = {}
+    if mode is not None:
+        if mode not in INNER_MODES:
+            raise _fail("inner_options['mode']", f"one of {list(INNER_MODES)}", mode)
+        patches.update(torch._inductor.list_mode_options(mode))
+    known = torch._inductor.config.get_config_copy()
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise _fail("inner_options", "'mode' or inductor config keys", unknown)
+    patches.update(options)
+    return patches
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
@@ -122,6 +157,12 @@ def _coerce(key: str, value: Any) -> Any:
             return torch.tensor([bool(x) for x in value], dtype=torch.bool)
     if key == "calibration" and value is not None and hasattr(value, "__fspath__"):
         return str(value)
+    if key == "inner_options":
+        if value is None:
+            return ()
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise _fail("inner_options", "a dict of str keys", value)
+        return tuple(sorted(value.items()))
     return value
 
 

@@ -175,8 +175,8 @@ def run(args: argparse.Namespace) -> None:
         loop(methods["inductor"])
         loop(bd)
         if fraction is None:
-            lay = bd_compile.runtimes_of(bd)[0].layout
-            paths = [name for name, _ in lay.blocks[: lay.cache_block + 1]]
+            lay = bd_compile.stats(bd).graphs[0]
+            paths = list(lay.blocks[: lay.cache_block + 1])
             fraction = region_flop_fraction(model, loop.example(), paths)
             print(f"  FLOP fraction of blocks 0..{lay.cache_block}: {fraction:.3f}", flush=True)
         times: dict[str, list[float]] = {m: [] for m in methods}
@@ -192,9 +192,9 @@ def run(args: argparse.Namespace) -> None:
                     times[name].append(timed(functools.partial(loop, target), device))
                 peaks[name] = max(peaks.get(name, 0), mem["peak"])
                 if isinstance(m, tuple):
-                    rt = bd_compile.runtimes_of(target)[0]
-                    hist = rt.layout.history
-                    stats[name] = (len(hist), sum(c.reused for c in hist), rt.cache_bytes())
+                    st = bd_compile.stats(target)
+                    g = st.last
+                    stats[name] = (g.calls, g.reused_calls, g.cache_bytes)
                 print(f"  rep {rep} {name}: {times[name][-1]:.3f} s", flush=True)
         base = median(times["inductor"])
         for name in methods:

@@ -122,9 +122,8 @@ def sweep(
         counters["blockdance"].clear()
         compiled = torch.compile(model, backend="blockdance", options={**options, "inner": "eager"})
         out = sample(compiled)
-        runtime = bd_compile.runtimes_of(model)[-1]
-        layout = runtime.layout
-        window = getattr(runtime.schedule, "window", None)
+        st = bd_compile.stats(model)
+        layout, window = st.graphs[-1], st.settings.window
         reuse, calls = counters["blockdance"]["reuse_steps"], counters["blockdance"]["cache_steps"]
         calls += reuse
         s, p = _compare(out, ref, pixel)

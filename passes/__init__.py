@@ -1,36 +1,84 @@
-"""FX passes of bd_compile, one per file; ``rewrite`` runs them in order.
+"""FX passes of bd_compile, one per file; ``rewrite`` runs them in the order of ``PIPELINE``.
 
-1. ``tag_blocks``            find the transformer blocks, in execution order
-2. ``find_cached_region``    label nodes prefix / region / tail; pick the values to cache
-3. ``split_cached_region``   lower to three straight-line graphs (Note [Why three graphs])
+1. ``find_timestep_input``   which graph input is the timestep (none: fall back before any work)
+2. ``tag_blocks``            find the transformer blocks, in execution order
+3. ``find_cached_region``    label nodes prefix / region / tail; pick the values to cache
+4. ``split_cached_region``   lower to three straight-line graphs (Note [Why three graphs]), each
+                             with its example inputs and the argument plan the runtime gathers by
 """
 
-from collections.abc import Callable
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch.fx as fx
 
-from passes.find_cached_region import CachedRegion, RegionError, find_cached_region
-from passes.split_cached_region import SplitGraphs, split_cached_region
+from passes.find_cached_region import (
+    CachedRegion,
+    RegionError,
+    default_cache_block,
+    find_cached_region,
+    resolve_cache_block,
+)
+from passes.find_timestep_input import find_timestep_input, user_input_name
+from passes.split_cached_region import ARGS, CACHE, PREFIX, Part, SplitGraphs, split_cached_region
 from passes.tag_blocks import Block, find_blocks, tag_blocks
+
+PIPELINE = (find_timestep_input, tag_blocks, find_cached_region, split_cached_region)
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """What the pipeline made of one Dynamo graph."""
+
+    timestep_index: int | None  #: placeholder index of the timestep; None: follows another graph
+    input_names: tuple[str, ...]  #: the forward's argument name of every placeholder
+    region: CachedRegion
+    split: SplitGraphs
 
 
 def rewrite(
-    gm: fx.GraphModule, choose_cache_block: Callable[[list[Block]], int]
-) -> tuple[CachedRegion, SplitGraphs]:
-    """The pipeline: tag the blocks, let the caller pick ``cache_block`` from them (it may raise
-    ``RegionError``), find the region and split ``gm`` into its three graphs."""
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    timestep_input: str | None = None,
+    require_timestep: bool = True,
+    cache_block: int | None = None,
+    calibrated_for: int | None = None,
+) -> Rewritten:
+    """Run ``PIPELINE`` on ``gm``. Raises ``RegionError`` (with a reason in words) when the graph
+    can't be rewritten; ``gm`` itself is only annotated (node.meta), never changed."""
+    try:
+        timestep_index: int | None = find_timestep_input(gm, timestep_input)
+    except RegionError:
+        if require_timestep:
+            raise
+        timestep_index = None
     blocks = tag_blocks(gm)
-    region = find_cached_region(gm, blocks, choose_cache_block(blocks))
-    return region, split_cached_region(gm, region)
+    region = find_cached_region(gm, blocks, cache_block, calibrated_for)
+    split = split_cached_region(gm, region, example_inputs)
+    names = tuple(user_input_name(n) for n in gm.graph.nodes if n.op == "placeholder")
+    return Rewritten(timestep_index, names, region, split)
 
 
 __all__ = [
+    "ARGS",
+    "CACHE",
+    "PIPELINE",
+    "PREFIX",
     "Block",
     "CachedRegion",
+    "Part",
     "RegionError",
+    "Rewritten",
     "SplitGraphs",
+    "default_cache_block",
     "find_blocks",
     "find_cached_region",
+    "find_timestep_input",
+    "resolve_cache_block",
     "rewrite",
     "split_cached_region",
     "tag_blocks",

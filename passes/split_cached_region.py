@@ -16,94 +16,119 @@ inputs. Each graph's inputs are described by an ``InputSpec`` the runtime gather
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch.fx as fx
 
-from passes.find_cached_region import PART_META, CachedRegion
+from passes.find_cached_region import PART_META, CachedRegion, derived_from_inputs
 
-Source = Literal["arg", "prefix", "cache"]
+#: The pools a split graph's inputs are gathered from, per call (``Part.plan``).
+ARGS, PREFIX, CACHE = 0, 1, 2
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """Where each input of a split graph comes from: (source, index) pairs."""
+class Part:
+    """One split graph, ready for the inner compiler and the runtime.
 
-    sources: tuple[tuple[Source, int], ...]
+    ``plan[j] = (pool, index)``: input ``j`` is ``pools[pool][index]`` where the pools are the
+    call's arguments (``ARGS``), the prefix graph's outputs (``PREFIX``) and the cached values
+    (``CACHE``). ``example_inputs`` are what the inner compiler is given: the call's example
+    tensors for arguments, fake values for the rest.
+    """
+
+    gm: fx.GraphModule
+    plan: tuple[tuple[int, int], ...]
+    example_inputs: tuple[Any, ...]
+
+    def gather(self, *pools: Sequence[Any]) -> list[Any]:
+        return [pools[p][i] for p, i in self.plan]
 
 
 @dataclass(frozen=True)
 class SplitGraphs:
-    prefix: fx.GraphModule
-    region: fx.GraphModule
-    tail: fx.GraphModule
-    prefix_inputs: InputSpec
-    region_inputs: InputSpec
-    tail_inputs: InputSpec
-    prefix_outputs: tuple[fx.Node, ...]  # nodes of the original graph
-    boundary: tuple[fx.Node, ...]
+    prefix: Part | None  #: ``None`` when nothing runs before the region
+    region: Part
+    tail: Part
 
 
 def _build(
     gm: fx.GraphModule,
     part: str,
-    locate: dict[fx.Node, tuple[Source, int]],
+    locate: dict[fx.Node, tuple[int, int]],
     outputs: list[fx.Node] | None,
-) -> tuple[fx.GraphModule, InputSpec]:
+    example_inputs: Sequence[Any],
+    memo: dict[fx.Node, bool],
+) -> Part:
     """Copy the nodes of ``part`` into a new graph; inputs from ``locate``; outputs as given
-    (``None``: the original graph's output node)."""
+    (``None``: the original graph's output node). Scalars derived from inputs are recomputed
+    here instead of being passed in (Note [Symbolic scalars])."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    sources: list[tuple[Source, int]] = []
+    plan: list[tuple[int, int]] = []
+    examples: list[Any] = []
+    out_node = next(iter(reversed(gm.graph.nodes)))
     body = [n for n in gm.graph.nodes if n.meta.get(PART_META) == part]
-    needed = {
-        a
-        for n in body + ([] if outputs is not None else [next(iter(reversed(gm.graph.nodes)))])
-        for a in n.all_input_nodes
-    } | set(outputs or ())
+    inside = set(body)
+    needed: set[fx.Node] = set(outputs or ())
+    stack = [
+        a for n in body + ([] if outputs is not None else [out_node]) for a in n.all_input_nodes
+    ]
+    recomputed: set[fx.Node] = set()
+    while stack:  # close over the input-derived scalars this part recomputes
+        n = stack.pop()
+        if n in inside or n in needed or n in recomputed:
+            continue
+        if n.op != "placeholder" and derived_from_inputs(n, memo):
+            recomputed.add(n)
+            stack.extend(n.all_input_nodes)
+        else:
+            needed.add(n)
     for n in gm.graph.nodes:  # inputs in original graph order: deterministic graphs, warm caches
-        if n in needed and n.meta.get(PART_META) != part:
-            src = locate[n]
-            name = f"bd_cache_{src[1]}" if src[0] == "cache" else n.name
-            p = graph.placeholder(name)
+        if n in needed and n not in inside:
+            pool, index = locate[n]
+            p = graph.placeholder(f"bd_cache_{index}" if pool == CACHE else n.name)
             p.meta = copy.copy(n.meta)
             env[n] = p
-            sources.append(src)
-    for n in body:
-        env[n] = graph.node_copy(n, lambda a: env[a])
+            plan.append((pool, index))
+            examples.append(example_inputs[index] if pool == ARGS else n.meta["example_value"])
+    for n in gm.graph.nodes:
+        if n in recomputed or n in inside:
+            env[n] = graph.node_copy(n, lambda a: env[a])
     if outputs is None:
-        out = next(iter(reversed(gm.graph.nodes)))
-        graph.node_copy(out, lambda a: env[a])
+        graph.node_copy(out_node, lambda a: env[a])
     else:
         graph.output(tuple(env[n] for n in outputs))
     graph.eliminate_dead_code()
     graph.lint()
-    return fx.GraphModule(gm, graph, f"BlockDance_{part}"), InputSpec(tuple(sources))
+    return Part(fx.GraphModule(gm, graph, f"BlockDance_{part}"), tuple(plan), tuple(examples))
 
 
-def split_cached_region(gm: fx.GraphModule, region: CachedRegion) -> SplitGraphs:
+def split_cached_region(
+    gm: fx.GraphModule, region: CachedRegion, example_inputs: Sequence[Any]
+) -> SplitGraphs:
     """Split a graph labelled by ``find_cached_region`` into prefix, region and tail graphs."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    locate: dict[fx.Node, tuple[Source, int]] = {n: ("arg", i) for i, n in enumerate(placeholders)}
+    locate: dict[fx.Node, tuple[int, int]] = {n: (ARGS, i) for i, n in enumerate(placeholders)}
     part = {n: n.meta.get(PART_META) for n in gm.graph.nodes}
+    memo: dict[fx.Node, bool] = {}
     prefix_outputs = [
         n
         for n in gm.graph.nodes
-        if part[n] == "prefix" and any(part[u] != "prefix" for u in n.users)
+        if part[n] == "prefix"
+        and not derived_from_inputs(n, memo)
+        and any(part[u] != "prefix" for u in n.users)
     ]
-    locate.update({n: ("prefix", i) for i, n in enumerate(prefix_outputs)})
-    locate.update({n: ("cache", i) for i, n in enumerate(region.boundary)})
-    prefix, prefix_in = _build(gm, "prefix", locate, prefix_outputs)
-    region_gm, region_in = _build(gm, "region", locate, list(region.boundary))
-    tail, tail_in = _build(gm, "tail", locate, None)
+    locate.update({n: (PREFIX, i) for i, n in enumerate(prefix_outputs)})
+    locate.update({n: (CACHE, i) for i, n in enumerate(region.boundary)})
+    prefix = (
+        _build(gm, "prefix", locate, prefix_outputs, example_inputs, memo)
+        if prefix_outputs
+        else None
+    )
     return SplitGraphs(
         prefix,
-        region_gm,
-        tail,
-        prefix_in,
-        region_in,
-        tail_in,
-        tuple(prefix_outputs),
-        region.boundary,
+        _build(gm, "region", locate, list(region.boundary), example_inputs, memo),
+        _build(gm, "tail", locate, None, example_inputs, memo),
     )

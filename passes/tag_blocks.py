@@ -27,6 +27,7 @@ BLOCK_META = "blockdance_block"
 
 _DICT_KEY = re.compile(r"""\.(?:__dict__\[['"]_modules['"]\]|_modules)\[['"]([^'"]+)['"]\]""")
 _GETATTR = re.compile(r"""\[['"]([^'"]+)['"]\]""")
+_INDEX = re.compile(r"\[(\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,16 @@ class Block:
 
 
 def normalize_module_path(path: str) -> str:
-    """``L['self'].__dict__['_modules']['blocks'].3.attn`` -> ``blocks.3.attn``."""
+    """``L['self'].__dict__['_modules']['blocks'].3.attn`` -> ``blocks.3.attn``;
+    ``L['stages'][3].norm1`` (after a graph break) -> ``stages.3.norm1``."""
     path = _DICT_KEY.sub(r".\1", path)
     path = re.sub(r"^L\[['\"]self['\"]\]", "", path)
     path = re.sub(r"^L\[['\"](\w+)['\"]\]", r"\1", path)  # a module passed as an argument
     path = _GETATTR.sub(r".\1", path)
+    path = _INDEX.sub(r".\1", path)  # a list of blocks held in a local: L['stages'][3]
+    # A forward wrapped by a hook that keeps the bound method (diffusers' context-parallel
+    # hooks): function_reference.forward.__self__.transformer_blocks.0 -> transformer_blocks.0
+    path = re.sub(r"^.*\.__self__\.", "", path)
     return path.lstrip(".")
 
 

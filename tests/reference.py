@@ -50,13 +50,21 @@ class ReferenceController:
         compute_calls / reuse_calls: counted when block 0 is entered.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], cache_block: int) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        cache_block: int,
+        skip: Sequence[int] | None = None,
+        forecast: int = 0,
+    ) -> None:
         if not 0 <= cache_block < len(blocks):
             raise ValueError(f"expected 0 <= cache_block < {len(blocks)}, got {cache_block}")
         if len({id(b) for b in blocks}) != len(blocks):
             raise ValueError("expected distinct block modules, got a module listed twice")
         self.blocks = list(blocks)
         self.cache_block = cache_block
+        #: the blocks a reuse call replays: 0..cache_block, or any set (graph-break pieces)
+        self.skip = tuple(sorted(set(skip))) if skip is not None else tuple(range(cache_block + 1))
         self.reuse = False
         self.branch: Hashable = 0
         self.block_calls = [0] * len(self.blocks)
@@ -64,6 +72,10 @@ class ReferenceController:
         self.reuse_calls = 0
         self._store: dict[Hashable, list[Any]] = {}
         self._missing = object()
+        #: forecast order and the progress of the current call (set before each call)
+        self.forecast = forecast
+        self.progress = 0.0
+        self._history: dict[tuple[Hashable, int], list[tuple[float, Any]]] = {}
 
     def reset(self) -> None:
         """Forget every stored value (a new sampling run)."""
@@ -73,7 +85,7 @@ class ReferenceController:
 
     def has_cache(self, branch: Hashable) -> bool:
         entries = self._store.get(branch)
-        return entries is not None and all(e is not self._missing for e in entries)
+        return entries is not None and all(entries[i] is not self._missing for i in self.skip)
 
     def cached(self, branch: Hashable, index: int) -> Any:
         """The stored return value of block `index` for `branch` (for tests)."""
@@ -93,12 +105,17 @@ class ReferenceController:
                     f"reuse requested for branch {self.branch!r} before a compute call stored "
                     f"blocks 0..{self.cache_block}"
                 )
+            history = self._history.get((self.branch, index), [])
+            if self.forecast and len(history) >= self.forecast + 1:
+                return _newton(history[-(self.forecast + 1) :], self.progress)
             return _snapshot(self._store[self.branch][index])
         out = forward(*args, **kwargs)
         self.block_calls[index] += 1
-        if index <= self.cache_block:
-            entries = self._store.setdefault(self.branch, [self._missing] * (self.cache_block + 1))
-            entries[index] = _snapshot(out)
+        entries = self._store.setdefault(self.branch, [self._missing] * len(self.blocks))
+        entries[index] = _snapshot(out)
+        history = self._history.setdefault((self.branch, index), [])
+        history.append((self.progress, entries[index]))
+        del history[: -(self.forecast + 1)]
         return out
 
     def _call_tail(
@@ -109,22 +126,42 @@ class ReferenceController:
         return out
 
 
+def _newton(points: list[tuple[float, Any]], x: float) -> Any:
+    """Extrapolate block outputs to `x` from 2 or 3 (progress, output) points by Newton's
+    divided differences (independent of the backend's Lagrange weights)."""
+    if isinstance(points[-1][1], tuple):
+        return tuple(_newton([(p, v[k]) for p, v in points], x) for k in range(len(points[-1][1])))
+    if points[-1][1] is None:
+        return None
+    if len(points) == 2:
+        (x0, v0), (x1, v1) = points
+        return v1 + (v1 - v0) * ((x - x1) / (x1 - x0))
+    (x0, v0), (x1, v1), (x2, v2) = points
+    d01, d12 = (v1 - v0) / (x1 - x0), (v2 - v1) / (x2 - x1)
+    d012 = (d12 - d01) / (x2 - x0)
+    return v2 + d12 * (x - x2) + d012 * (x - x2) * (x - x1)
+
+
 @contextmanager
 def blockdance_reference(
-    blocks: Sequence[nn.Module], cache_block: int
+    blocks: Sequence[nn.Module],
+    cache_block: int,
+    skip: Sequence[int] | None = None,
+    forecast: int = 0,
 ) -> Iterator[ReferenceController]:
     """Patch `blocks` (in execution order) for the duration of the context.
 
-    Blocks ``0..cache_block`` cache/replay; later blocks run normally but are counted. The
-    original forwards (including an instance-level override) are restored on exit.
+    Blocks ``0..cache_block`` (or the indices in `skip`) cache/replay; the others run normally
+    but are counted. The original forwards (including an instance-level override) are
+    restored on exit.
     """
-    ctrl = ReferenceController(blocks, cache_block)
+    ctrl = ReferenceController(blocks, cache_block, skip, forecast)
     saved: list[tuple[nn.Module, Any]] = []
     try:
         for i, block in enumerate(ctrl.blocks):
             saved.append((block, block.__dict__.get("forward", None)))
             original = block.forward
-            handler = ctrl._call if i <= cache_block else ctrl._call_tail
+            handler = ctrl._call if i in ctrl.skip else ctrl._call_tail
 
             def patched(
                 *args: Any,
@@ -167,6 +204,31 @@ def paper_plan(
     return [lo <= i < hi and (i - lo) % interval != 0 for i in range(num_steps)]
 
 
+def progress_values(timesteps: Sequence[float]) -> list[float]:
+    """Each step's progress along the trajectory, as ``progress_plan`` measures it."""
+    t0 = timesteps[0]
+    rising = len(timesteps) > 1 and timesteps[1] > t0
+    top = 1.0 if max(timesteps) <= 1.0 else 1000.0
+    return [(t - t0) / (top - t0) if rising else (t0 - t) / t0 for t in timesteps]
+
+
+def progress_plan(
+    timesteps: Sequence[float], window: tuple[float, float] = (0.4, 0.95), interval: int = 2
+) -> list[bool]:
+    """The default schedule's rule, written out independently of ``bd_compile.schedule``: a
+    step's progress is ``(t0 - t) / t0`` for falling time and ``(t - t0) / (end - t0)`` for
+    rising time (``end`` 1, or 1000 above 1); the steps with ``start <= p < end`` form the
+    window (``p == 1 == end`` included); the first of each group of `interval` computes."""
+    plan, inside = [], 0
+    for p in progress_values(timesteps):
+        if window[0] <= p < window[1] or p == window[1] == 1.0:
+            inside += 1
+            plan.append((inside - 1) % interval != 0)
+        else:
+            plan.append(False)
+    return plan
+
+
 def run_reference_loop(
     case: zoo.ZooCase,
     cache_block: int,
@@ -178,6 +240,10 @@ def run_reference_loop(
     seed: int = 0,
     batch: int = 1,
     timesteps: Sequence[float] | None = None,
+    skip: Sequence[int] | None = None,
+    grad: bool = False,
+    forecast: int = 0,
+    progress: Sequence[float] | None = None,
 ) -> tuple[zoo.LoopResult, ReferenceController]:
     """`zoo.run_loop` on the eager model with the reference cache driven by `plan[step]`.
 
@@ -187,10 +253,11 @@ def run_reference_loop(
     n = steps if timesteps is None else len(timesteps)
     if len(plan) != n:
         raise ValueError(f"expected a plan of {n} decisions, got {len(plan)}")
-    with blockdance_reference(case.blocks(), cache_block) as ctrl:
+    with blockdance_reference(case.blocks(), cache_block, skip, forecast) as ctrl:
 
         def before_call(info: zoo.CallInfo) -> None:
             ctrl.reuse = bool(plan[info.step])
+            ctrl.progress = progress[info.step] if progress is not None else 0.0
             ctrl.branch = 0 if info.branch is None else info.branch
 
         result = zoo.run_loop(
@@ -203,5 +270,6 @@ def run_reference_loop(
             batch=batch,
             timesteps=timesteps,
             before_call=before_call,
+            grad=grad,
         )
     return result, ctrl

@@ -369,9 +369,9 @@ def test_compiled_model_uses_the_calibrated_cache_block(
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         compiled(x=x, timestep=torch.tensor([500]))
-    runtime = bd_compile.runtimes_of(compiled)[0]
-    assert runtime.layout.cache_block == K - 1
-    assert runtime.schedule.window == cal.window  # type: ignore[attr-defined]
+    stats = bd_compile.stats(compiled)
+    assert stats.graphs[0].cache_block == K - 1
+    assert stats.settings.window == cal.window
     assert f"cache_block = {K - 1}" in str(bd_compile.explain(compiled))
 
 

@@ -13,11 +13,10 @@ import sys
 import pytest
 import torch
 import zoo
-from reference import paper_plan, run_reference_loop
+from reference import paper_plan, progress_plan, run_reference_loop
 from torch._dynamo.utils import counters
 
 import bd_compile
-from bd_compile.schedule import ProgressSchedule
 
 AOT = {"inner": "aot_eager"}
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -85,8 +84,7 @@ def test_default_schedule_follows_progress_rule_and_reference() -> None:
     case, steps = zoo.get("pixart"), 20
     compiled = compile_bd(case)
     got = zoo.run_loop(case, compiled, steps, cfg="batched")
-    rule = ProgressSchedule((0.4, 0.95), 2)
-    plan = [rule.step(t) for t in model_timesteps(case, steps)]
+    plan = progress_plan(model_timesteps(case, steps), (0.4, 0.95), 2)
     assert plan == paper_plan(steps, (0.4, 0.95), 2)  # DDIM 20 steps: exact
     ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")
     torch.testing.assert_close(got.latents, ref.latents, **TOL)
@@ -119,11 +117,12 @@ def test_set_schedule_keeps_the_options_it_is_not_given() -> None:
     compiled = compile_bd(case, window=(0.1, 0.9), interval=3)
     zoo.run_loop(case, compiled, 4, cfg="batched")
     bd_compile.set_schedule(compiled, interval=2)
-    runtime = bd_compile.runtimes_of(compiled)[0]
-    assert (runtime.settings.window, runtime.settings.interval) == ((0.1, 0.9), 2)
+    settings = bd_compile.stats(compiled).settings
+    assert (settings.window, settings.interval) == ((0.1, 0.9), 2)
     bd_compile.set_schedule(compiled, timesteps=[800.0, 600.0])
     bd_compile.set_schedule(compiled, schedule=torch.ones(10, dtype=torch.bool))
-    assert runtime.settings.timesteps is None  # timesteps and schedule replace each other
+    settings = bd_compile.stats(compiled).settings
+    assert settings.timesteps is None  # timesteps and schedule replace each other
 
 
 def test_calibration_for_another_block_count_falls_back(tmp_path: object) -> None:
@@ -153,8 +152,8 @@ def test_calibration_for_another_block_count_falls_back(tmp_path: object) -> Non
     torch._dynamo.reset()
     compiled = compile_bd(case, calibration=str(path))
     zoo.run_loop(case, compiled, 4, cfg="batched")
-    runtime = bd_compile.runtimes_of(compiled)[-1]
-    assert (runtime.layout.cache_block, runtime.settings.window) == (1, (0.3, 0.95))
+    st = bd_compile.stats(compiled)
+    assert (st.graphs[-1].cache_block, st.settings.window) == (1, (0.3, 0.95))
 
 
 def test_first_call_of_every_generation_computes() -> None:
@@ -162,13 +161,11 @@ def test_first_call_of_every_generation_computes() -> None:
     everything = torch.ones(1000, dtype=torch.bool)  # reuse wherever a cache is valid
     compiled = compile_bd(case, schedule=everything)
     zoo.run_loop(case, compiled, 5, cfg="batched")
-    runtime = bd_compile.runtimes_of(compiled)[0]
-    assert [c.reused for c in runtime.layout.history] == [False, True, True, True, True]
-    zoo.run_loop(case, compiled, 5, cfg="sequential")  # batch 1: a second graph and runtime
-    runtime = bd_compile.runtimes_of(compiled)[-1]
-    reused = [(c.branch, c.reused) for c in runtime.layout.history]
-    assert reused[:2] == [(0, False), (1, False)]  # each branch writes before it reads
-    assert all(r for _, r in reused[2:])
+    assert bd_compile.stats(compiled).last.pattern == "CRRRR"
+    zoo.run_loop(case, compiled, 5, cfg="sequential")  # batch 1: another shape
+    last = bd_compile.stats(compiled).last
+    assert last.pattern == "CRRRR"  # each branch writes at step 0 before it reads
+    assert (last.calls, last.reused_calls) == (10, 8)
 
 
 def test_shape_change_never_reads_another_shapes_cache() -> None:
@@ -190,7 +187,7 @@ def test_shape_change_never_reads_another_shapes_cache() -> None:
 
 
 def test_many_calls_at_one_timestep_keep_the_cache_bounded() -> None:
-    from bd_compile.runtime import MAX_BRANCHES
+    from bd_compile.loop import MAX_BRANCHES
 
     case = zoo.get("zoo_dit")
     compiled = compile_bd(case)
@@ -198,8 +195,9 @@ def test_many_calls_at_one_timestep_keep_the_cache_bounded() -> None:
     with torch.no_grad():
         for _ in range(3 * MAX_BRANCHES):
             compiled(**inputs)
-    runtime = bd_compile.runtimes_of(compiled)[-1]
-    assert len(runtime.slots) == MAX_BRANCHES
+    st = bd_compile.stats(compiled)
+    per_branch = sum(v.nbytes or 0 for v in st.graphs[0].cached)
+    assert st.cache_bytes == MAX_BRANCHES * per_branch > 0
     assert counters["blockdance"]["reuse_steps"] == 0
 
 
@@ -209,9 +207,9 @@ def test_explain_and_counters() -> None:
     zoo.run_loop(case, compiled, 10, cfg="batched")
     text = str(bd_compile.explain(compiled))
     assert "transformer_blocks.0" in text and "single_transformer_blocks.0" in text
-    runtime = bd_compile.runtimes_of(compiled)[0]
-    assert len(runtime.layout.cached) == 2  # hidden + encoder hidden
-    assert all(v.nbytes for v in runtime.layout.cached)
+    cached = bd_compile.stats(compiled).graphs[0].cached
+    assert len(cached) == 2  # hidden + encoder hidden
+    assert all(v.nbytes for v in cached)
     c = counters["blockdance"]
     assert c["cache_steps"] + c["reuse_steps"] == 10
 
@@ -220,8 +218,8 @@ def test_latte_blocks_interleave_in_execution_order() -> None:
     case = zoo.get("latte")
     compiled = compile_bd(case, interval=1)
     zoo.run_loop(case, compiled, 2, cfg="none")
-    names = [n for n, _ in bd_compile.runtimes_of(compiled)[0].layout.blocks]
-    assert names[:4] == [
+    names = bd_compile.stats(compiled).graphs[0].blocks
+    assert list(names[:4]) == [
         "transformer_blocks.0",
         "temporal_transformer_blocks.0",
         "transformer_blocks.1",
@@ -303,6 +301,10 @@ def test_graph_break_graphs_are_handled_each_on_its_own() -> None:
         ({"inner": "no_such_backend"}, "registered backend name"),
         ({"strict": "yes"}, "expected a bool"),
         ({"calibration": 3}, "path"),
+        ({"inner_options": {"mode": "reduce-overhead"}, **AOT}, "unless inner='inductor'"),
+        ({"inner_options": {"mode": "fastest"}}, "expected one of"),
+        ({"inner_options": {"no_such_key": 1}}, "'mode' or inductor config keys"),
+        ({"inner_options": ["mode"]}, "a dict of str keys"),
     ],
 )
 def test_invalid_options_raise_value_error(options: dict[str, object], match: str) -> None:
@@ -321,8 +323,12 @@ def test_invalid_set_schedule_and_mode_raise_value_error() -> None:
         bd_compile.set_schedule(case.model, cache_block=3)
     with pytest.raises(ValueError, match="expected a model compiled with backend='blockdance'"):
         bd_compile.set_schedule(NoBlocks(), interval=3)
-    with pytest.raises(ValueError, match="expected mode=None"):
-        bd_compile.blockdance_backend(None, [], mode="max-autotune")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode.*expected one of"):
+        bd_compile.blockdance_backend(None, [], mode="fastest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unless inner='inductor'"):
+        bd_compile.blockdance_backend(None, [], options=AOT, mode="max-autotune")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown backend argument"):
+        bd_compile.blockdance_backend(None, [], dynamic=True)  # type: ignore[arg-type]
 
 
 def test_python_api_runs_the_passes_without_torch_compile() -> None:
@@ -336,9 +342,8 @@ def test_python_api_runs_the_passes_without_torch_compile() -> None:
     inputs = case.example_inputs()
     torch.compile(case.model, backend=capture, fullgraph=True)(**inputs)
     gm, example_inputs = graphs[0]
-    runtime = bd_compile.build_runtime(
-        gm, example_inputs, bd_compile.Settings(inner="eager"), lambda g, _: g.forward
-    )
+    runtime = bd_compile.compile_graph(gm, example_inputs, bd_compile.Settings(inner="eager"))
+    assert isinstance(runtime, bd_compile.runtime.GraphRuntime)
     assert runtime.layout.cache_block == cache_block(case)
     assert [n for n, _ in runtime.layout.blocks] == [
         f"transformer_blocks.{i}" for i in range(len(case.blocks()))
@@ -376,8 +381,27 @@ def test_inductor_end_to_end_matches_reference() -> None:
     case, steps = zoo.get("pixart"), 10
     compiled = torch.compile(case.model, backend="blockdance")
     got = zoo.run_loop(case, compiled, steps, cfg="batched")
-    rule = ProgressSchedule((0.4, 0.95), 2)
-    plan = [rule.step(t) for t in model_timesteps(case, steps)]
+    plan = progress_plan(model_timesteps(case, steps), (0.4, 0.95), 2)
     ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")
     torch.testing.assert_close(got.latents, ref.latents, rtol=1e-3, atol=1e-4)
     assert counters["blockdance"]["reuse_steps"] == sum(plan) > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "want"),
+    [
+        (
+            "L['self'].__dict__['_modules']['transformer_blocks'].3.attn1",
+            "transformer_blocks.3.attn1",
+        ),
+        ("L['stages'][3].norm1", "stages.3.norm1"),  # blocks in a local list after a graph break
+        (  # diffusers' context-parallel hooks keep the bound forward
+            "L['self'].function_reference.forward.__self__.transformer_blocks.0",
+            "transformer_blocks.0",
+        ),
+    ],
+)
+def test_module_paths_read_as_users_know_them(path: str, want: str) -> None:
+    from passes.tag_blocks import normalize_module_path
+
+    assert normalize_module_path(path) == want

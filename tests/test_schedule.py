@@ -13,7 +13,9 @@ from diffusers import (
 )
 from reference import paper_plan
 
-from bd_compile.schedule import MaskSchedule, ProgressSchedule, TimestepSchedule, paper_rule
+from bd_compile.loop import LoopState
+from bd_compile.schedule import MaskSchedule, TimestepSchedule, paper_rule
+from bd_compile.settings import Settings
 
 SCHEDULERS = {
     "ddim-leading": lambda: DDIMScheduler(num_train_timesteps=1000),
@@ -24,21 +26,44 @@ SCHEDULERS = {
 }
 
 
-def decisions(schedule: ProgressSchedule, timesteps: list[float]) -> list[bool]:
-    schedule.start()
-    return [schedule.step(t) for t in timesteps]
+def decisions(window: tuple[float, float], interval: int, timesteps: list[float]) -> list[bool]:
+    """What the runtime's loop state decides, step by step, for one generation."""
+    state = LoopState(Settings(window=window, interval=interval))
+    ks = state.key_state(None)
+    out = []
+    for t in timesteps:
+        gen, _ = state.advance(ks, "graph", t)
+        assert gen.number == 1, "a step was taken for a new generation"
+        out.append(gen.step_may_reuse)
+    return out
 
 
+@pytest.mark.parametrize("direction", ["falling", "rising"])
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 @pytest.mark.parametrize("steps", [10, 20, 25, 30, 50, 100])
 @pytest.mark.parametrize("interval", [2, 3, 4])
-def test_default_reuse_count_within_one_of_paper_rule(name: str, steps: int, interval: int) -> None:
+def test_default_reuse_count_within_one_of_paper_rule(
+    name: str, steps: int, interval: int, direction: str
+) -> None:
     sched = SCHEDULERS[name]()
     sched.set_timesteps(steps)
     ts = [float(t) for t in sched.timesteps]
-    got = decisions(ProgressSchedule((0.4, 0.95), interval), ts)
+    if direction == "rising":  # Lumina: 1 - t / 1000, from noise (0) to image (1)
+        ts = [1 - t / 1000 for t in ts]
+    got = decisions((0.4, 0.95), interval, ts)
     want = paper_plan(len(ts), (0.4, 0.95), interval)
     assert abs(sum(got) - sum(want)) <= 1, (got, want)
+
+
+def test_a_timestep_against_the_learned_direction_starts_a_new_generation() -> None:
+    state = LoopState(Settings())
+    ks = state.key_state(None)
+    numbers = [state.advance(ks, "g", t)[0].number for t in (0.0, 0.2, 0.4, 0.0, 0.5, 0.5, 0.1)]
+    assert numbers == [1, 1, 1, 2, 2, 2, 3]  # rising, then 0.1 < 0.5: a third generation
+    state = LoopState(Settings())
+    ks = state.key_state(None)
+    numbers = [state.advance(ks, "g", t)[0].number for t in (999.0, 900.0, 900.0, 800.0, 999.0)]
+    assert numbers == [1, 1, 1, 1, 2]  # falling; an equal timestep is another branch
 
 
 def test_paper_rule_matches_the_papers_pixart_count() -> None:
@@ -50,13 +75,7 @@ def test_paper_rule_matches_the_papers_pixart_count() -> None:
 
 def test_interval_one_never_reuses() -> None:
     ts = [float(t) for t in torch.linspace(999, 0, 50)]
-    assert not any(decisions(ProgressSchedule((0.0, 1.0), 1), ts))
-
-
-def test_progress_schedule_restarts_each_generation() -> None:
-    ts = [999.0 - 20 * i for i in range(50)]
-    s = ProgressSchedule((0.4, 0.95), 2)
-    assert decisions(s, ts) == decisions(s, ts)
+    assert not any(decisions((0.0, 1.0), 1, ts))
 
 
 def test_flow_matching_default_is_conservative() -> None:
@@ -64,7 +83,7 @@ def test_flow_matching_default_is_conservative() -> None:
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(28)
     ts = [float(t) for t in sched.timesteps]
-    got = decisions(ProgressSchedule((0.4, 0.95), 2), ts)
+    got = decisions((0.4, 0.95), 2, ts)
     assert 0 < sum(got) <= sum(paper_plan(28, (0.4, 0.95), 2))
 
 
@@ -84,5 +103,5 @@ def test_mask_schedule_indexes_integer_timesteps() -> None:
 
 def test_window_ending_at_one_includes_the_last_step() -> None:
     ts = [980.0 - 20 * i for i in range(50)]  # DDIM leading: the last timestep is 0
-    got = decisions(ProgressSchedule((0.0, 1.0), 2), ts)
+    got = decisions((0.0, 1.0), 2, ts)
     assert got[-1] and sum(got) == 25  # DeepCache-style: every other step over the whole run

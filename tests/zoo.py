@@ -15,7 +15,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -297,13 +297,23 @@ class ZooDiT(nn.Module):
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.final_linear = nn.Linear(dim, patch * patch * self.out_channels)
+        #: set to k to break the graph between stages k and k + 1 (a model Dynamo captures as
+        #: two graphs, the blocks split between them)
+        self.break_after: int | None = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         p = self.patch
         tokens = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embed(timestep_embedding(t, self.freq_dim)) + self.y_embed(y)
-        for stage in self.stages:
+        stages, k = list(self.stages), len(self.stages)
+        if self.break_after is not None:
+            k = self.break_after + 1
+        for stage in stages[:k]:
+            tokens = stage(tokens, c)
+        if self.break_after is not None:
+            torch._dynamo.graph_break()
+        for stage in stages[k:]:
             tokens = stage(tokens, c)
         shift, scale = self.final_modulation(c)[:, None].chunk(2, dim=-1)
         out = self.final_linear(_modulate(self.final_norm(tokens), shift, scale))
@@ -654,6 +664,61 @@ def make_cogvideox(seed: int = 0) -> ZooCase:
     )
 
 
+def _lumina_timestep(t: torch.Tensor, batch: int) -> torch.Tensor:
+    # Lumina2Pipeline: current_timestep = 1 - t / num_train_timesteps, rising from 0 to 1
+    return 1 - _expand(t, batch).to(torch.float32) / 1000
+
+
+def make_lumina2(seed: int = 0) -> ZooCase:
+    """Rising timesteps (``1 - sigma``) and a graph break: its RoPE embedder calls
+    ``attention_mask.sum(dim=1).tolist()`` after the timestep embedding, so Dynamo hands the
+    backend a first graph with the timestep and no blocks, then the blocks without the timestep.
+    """
+    from diffusers import Lumina2Transformer2DModel
+
+    channels, size, seq, cap = 4, 8, 6, 16
+    model: nn.Module = Lumina2Transformer2DModel(  # type: ignore[assignment]
+        sample_size=size,
+        patch_size=2,
+        in_channels=channels,
+        hidden_size=32,
+        num_layers=4,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=16,
+        axes_dim_rope=(8, 4, 4),
+        axes_lens=(32, 32, 32),
+        cap_feat_dim=cap,
+    )
+    _seeded_init(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    cond, uncond = _text_conditions(gen, seq, cap)
+    mask = torch.ones(MAX_BATCH, seq, dtype=torch.bool)
+
+    def make_inputs(latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> dict[str, Any]:
+        return {
+            "hidden_states": latents,
+            "timestep": t,
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "encoder_attention_mask": mask[: latents.shape[0]],
+            "return_dict": False,
+        }
+
+    return ZooCase(
+        name="lumina2",
+        model=model,
+        latent_shape=(channels, size, size),
+        make_inputs=make_inputs,
+        conditions=(cond, uncond),
+        blocks=lambda: _module_list(model, "layers"),  # the refiners hold 1 block each
+        make_scheduler=flow_scheduler(1.0),
+        output=first_tensor,
+        model_timestep=_lumina_timestep,
+        notes="rising timesteps; a graph break (.tolist()) between the time embedding and blocks",
+    )
+
+
 BUILDERS: dict[str, Callable[[int], ZooCase]] = {
     "zoo_dit": make_zoo_dit,
     "dit": make_dit,
@@ -664,15 +729,18 @@ BUILDERS: dict[str, Callable[[int], ZooCase]] = {
     "cogvideox": make_cogvideox,
 }
 NAMES: tuple[str, ...] = tuple(BUILDERS)
+#: Cases outside ``NAMES`` (not in every parametrized test): each tests one loop-state rule.
+EXTRA_BUILDERS: dict[str, Callable[[int], ZooCase]] = {"lumina2": make_lumina2}
 
 _CACHE: dict[tuple[str, int], ZooCase] = {}
 
 
 def build(name: str, seed: int = 0) -> ZooCase:
     """A fresh case (new model instance)."""
-    if name not in BUILDERS:
-        raise KeyError(f"expected one of {sorted(BUILDERS)}, got {name!r}")
-    return BUILDERS[name](seed)
+    builders = {**BUILDERS, **EXTRA_BUILDERS}
+    if name not in builders:
+        raise KeyError(f"expected one of {sorted(builders)}, got {name!r}")
+    return builders[name](seed)
 
 
 def get(name: str, seed: int = 0) -> ZooCase:
@@ -723,7 +791,6 @@ def _set_timesteps(scheduler: Any, steps: int, timesteps: Sequence[float] | None
     scheduler.set_timesteps(timesteps=list(timesteps))
 
 
-@torch.no_grad()
 def run_loop(
     case: ZooCase,
     model_callable: Callable[..., Any],
@@ -735,6 +802,8 @@ def run_loop(
     batch: int = 1,
     timesteps: Sequence[float] | None = None,
     before_call: Callable[[CallInfo], None] | None = None,
+    grad: bool = False,
+    after_call: Callable[[], None] | None = None,
 ) -> LoopResult:
     """Denoise fixed-seed noise with a real diffusers scheduler and `model_callable`.
 
@@ -745,6 +814,31 @@ def run_loop(
     """
     if cfg not in ("none", "batched", "sequential"):
         raise ValueError(f"expected cfg in ('none', 'batched', 'sequential'), got {cfg!r}")
+    # grad=True: as a user's loop without torch.no_grad(): the latents come to require grad.
+    model = cast(nn.Module, case.model)
+    model.requires_grad_(grad)
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            return _loop(
+                case, model_callable, steps, cfg, guidance_scale, seed, batch, timesteps,
+                before_call, after_call,
+            )  # fmt: skip
+    finally:
+        model.requires_grad_(False)
+
+
+def _loop(
+    case: ZooCase,
+    model_callable: Callable[..., Any],
+    steps: int,
+    cfg: CfgMode,
+    guidance_scale: float,
+    seed: int,
+    batch: int,
+    timesteps: Sequence[float] | None,
+    before_call: Callable[[CallInfo], None] | None,
+    after_call: Callable[[], None] | None,
+) -> LoopResult:
     scheduler = case.make_scheduler()
     _set_timesteps(scheduler, steps, timesteps)
     gen = torch.Generator().manual_seed(seed)
@@ -759,7 +853,10 @@ def run_loop(
         if before_call is not None:
             before_call(info)
         result.calls += 1
-        return case.output(model_callable(**case.make_inputs(x, model_t, c)))
+        out = case.output(model_callable(**case.make_inputs(x, model_t, c)))
+        if after_call is not None:
+            after_call()
+        return out
 
     for i, t in enumerate(scheduler.timesteps):
         result.timesteps.append(t.item())
@@ -777,5 +874,5 @@ def run_loop(
             pred_u = call(x, t, uncond, CallInfo(i, t, UNCOND))
             pred = pred_u + guidance_scale * (pred_c - pred_u)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-    result.latents = latents
+    result.latents = latents.detach()
     return result

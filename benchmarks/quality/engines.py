@@ -101,9 +101,8 @@ class Engines:
         images = sample(denoise, scheduler, labels, m.steps, guidance, noise=noise)
         if not traced:
             return images, 0, m.steps, ""
-        history = [c for rt in bd_compile.runtimes_of(model) for c in rt.layout.history]
-        pattern = "".join("R" if c.reused else "C" for c in history)
-        return images, pattern.count("R"), len(history), pattern
+        last = bd_compile.stats(model).last
+        return images, last.reused_calls, last.calls, last.pattern
 
     def _warm_up(
         self,

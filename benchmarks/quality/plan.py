@@ -143,9 +143,7 @@ def timesteps_of(train_config: Any, sc: Scenario, steps: int) -> list[float]:
 def planned_reuse(timesteps: Sequence[float], interval: int, window: tuple[float, float]) -> int:
     """Reuse calls of one generation under the backend's default schedule (the first step never
     reuses: there is no cache yet)."""
-    sched = bd_compile.make_schedule(interval=interval, window=window)
-    sched.start()
-    flags = [sched.step(t) for t in timesteps]
+    flags = bd_compile.plan(timesteps, interval=interval, window=window)
     return sum(flags[1:])
 
 

@@ -1,0 +1,450 @@
+"""Where a compiled model is in its sampling loop: one ``LoopState`` per model, shared by every
+graph Dynamo makes of it.
+
+Note [Generations, steps and branches]
+Dynamo may hand the backend several graphs of one model: a recompile (the latent started to
+require grad, a new dtype, a dynamic dim) or the pieces of a forward with a graph break. They
+all report to the model's one ``LoopState``, so a recompile inside a generation continues the
+same generation, step count and schedule, and all graphs of one forward share the step
+decision. Per key (``bd_compile.generation(key=...)``; ``None`` for automatic generations):
+
+- **Automatic generations.** The first two distinct timesteps of a generation tell whether time
+  falls (DDPM/DDIM timesteps, flow-matching sigma) or rises (Lumina's ``1 - sigma``); a
+  timestep that moves against that direction (or the first call) starts a new **generation**,
+  one that moves along it a new **step**, an equal one is another **branch** of the same step
+  (sequential classifier-free guidance calls the model for cond, then uncond).
+- **Explicit generations** (``with bd_compile.generation(model, ...)``): the block is one
+  generation; a changed timestep is a new step, an equal one another branch. Leaving the block
+  ends it and frees its caches.
+- A graph without a timestep input (the part of a forward after a graph break) follows the
+  current step of its key; its calls count as branches of that step.
+
+Every (cached-value layout, branch) has its own cache slot, stamped with the concrete input
+signature (shapes, dtypes, devices) that wrote it; slots are cleared when a generation starts.
+A call reuses only if the schedule allows its step *and* its slot exists with its signature:
+so a cache is never read before it was written in the same generation, branches never read
+each other's cache, graphs read only caches of their own layout, and a new batch size or
+resolution never reads a cache of another shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+import weakref
+from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import torch
+from torch._dynamo.utils import counters
+
+from bd_compile.schedule import Schedule, TimestepSchedule, progress, schedule_for
+from bd_compile.settings import Settings
+
+if TYPE_CHECKING:
+    from bd_compile.runtime import GraphRuntime, TimestepReader
+
+#: A graph of a model that reports to its loop state.
+Member: TypeAlias = "GraphRuntime | TimestepReader"
+
+log = logging.getLogger(__name__)
+
+# Calls of one graph at one step beyond this many are not cached: a loop that calls the model
+# many times at the same timestep (not a sampler) must not grow the cache without bound.
+MAX_BRANCHES = 4
+#: Finished generations kept for ``bd_compile.stats``.
+HISTORY = 32
+
+LayoutKey = Hashable
+Signature = tuple[Any, ...]
+
+
+@dataclass
+class Slot:
+    """One branch's cache: the values of the last cache step, and for ``forecast`` the last
+    cache steps' (progress, values), oldest first (the last entry is ``values``)."""
+
+    values: tuple[Any, ...]
+    signature: Signature
+    history: tuple[tuple[float, tuple[Any, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """One generation as ``bd_compile.stats`` reports it."""
+
+    key: Hashable
+    number: int
+    #: one letter per denoising step: ``R`` every call of the step reused, ``C`` otherwise
+    pattern: str
+    calls: int
+    reused_calls: int
+    #: peak bytes the caches of this generation held
+    cache_bytes: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.pattern)
+
+    @property
+    def reuse_steps(self) -> int:
+        return self.pattern.count("R")
+
+
+@dataclass
+class _Generation:
+    """The mutable record of the running generation of one key."""
+
+    number: int
+    schedule: Schedule
+    step: int = -1
+    t0: float | None = None
+    last_t: float | None = None
+    direction: int = 0
+    progress: float = 0.0  #: of the current step along the trajectory (``schedule.progress``)
+    step_may_reuse: bool = False
+    calls_at_step: dict[LayoutKey, int] = field(default_factory=dict)
+    slots: dict[tuple[LayoutKey, int], Slot] = field(default_factory=dict)
+    step_reused: list[bool] = field(default_factory=list)
+    calls: int = 0
+    reused_calls: int = 0
+    peak_bytes: int = 0
+
+    def stats(self, key: Hashable) -> GenerationStats:
+        pattern = "".join("R" if r else "C" for r in self.step_reused)
+        return GenerationStats(
+            key, self.number, pattern, self.calls, self.reused_calls, self.peak_bytes
+        )
+
+    def cache_bytes(self) -> int:
+        held = {
+            id(v): v.numel() * v.element_size()
+            for s in self.slots.values()
+            for values in (s.values, *(h for _, h in s.history))
+            for v in values
+            if isinstance(v, torch.Tensor)
+        }
+        return sum(held.values())
+
+
+class KeyState:
+    """The loop position of one generation key: its running generation, if any.
+
+    With ``timesteps`` (an explicit generation that knows its steps) the step is counted on the
+    host, never read from the timestep tensor (Note [Counted steps])."""
+
+    def __init__(
+        self,
+        key: Hashable,
+        explicit: bool,
+        timesteps: Sequence[float] | None = None,
+        branches: int = 1,
+    ) -> None:
+        self.key, self.explicit = key, explicit
+        self.timesteps = tuple(timesteps) if timesteps is not None else None
+        self.branches = branches
+        self.generation: _Generation | None = None
+        self.number = 0
+        self.warned = False
+
+    @property
+    def counts_steps(self) -> bool:
+        return self.timesteps is not None
+
+
+class LoopState:
+    """One compiled model's loop position, caches and history, shared by all of its graphs."""
+
+    def __init__(self, settings: Settings, owner: torch.nn.Module | None = None) -> None:
+        self.settings = settings
+        self._owner = weakref.ref(owner) if owner is not None else None
+        self.runtimes: list[weakref.ReferenceType[Member]] = []
+        self.finished: deque[GenerationStats] = deque(maxlen=HISTORY)
+        self._keys: dict[Hashable, KeyState] = {}
+        self._lock = threading.Lock()
+
+    # -- graphs -------------------------------------------------------------------------------
+    def add(self, member: Member) -> None:
+        self.runtimes.append(weakref.ref(member))
+
+    def live(self) -> list[Member]:
+        """The graphs of this model still in use (readers included), oldest first."""
+        alive = [r() for r in self.runtimes]
+        self.runtimes = [weakref.ref(r) for r in alive if r is not None]
+        return [r for r in alive if r is not None]
+
+    def graphs(self) -> list[GraphRuntime]:
+        """The rewritten graphs of this model, oldest first."""
+        from bd_compile.runtime import GraphRuntime  # runtime imports this module
+
+        return [r for r in self.live() if isinstance(r, GraphRuntime)]
+
+    def has_timestep_reader(self) -> bool:
+        return any(r.timestep_index is not None for r in self.live())
+
+    def describe(self) -> str:
+        return schedule_for(self.settings).describe()
+
+    def set_settings(self, settings: Settings) -> None:
+        """New schedule options (``set_schedule``); running generations end, nothing recompiles."""
+        self.settings = settings
+        self.restart()
+
+    def belongs_to(self, model: object) -> bool:
+        """Whether ``model`` (a ``torch.compile`` wrapper or the module it wraps) is this
+        state's owner."""
+        owner = self._owner() if self._owner is not None else None
+        return owner is not None and (owner is model or getattr(owner, "_orig_mod", None) is model)
+
+    # -- keys and generations -------------------------------------------------------------------
+    def key_state(self, key: Hashable, explicit: bool = False) -> KeyState:
+        with self._lock:
+            ks = self._keys.get(key)
+            if ks is None:
+                ks = self._keys[key] = KeyState(key, explicit)
+            return ks
+
+    def open(self, key: Hashable, timesteps: Sequence[float] | None, branches: int = 1) -> KeyState:
+        """Start an explicit generation of ``key`` (``bd_compile.generation``)."""
+        with self._lock:
+            previous = self._keys.get(key)
+            ks = self._keys[key] = KeyState(key, True, timesteps, branches)
+        if previous is not None:
+            self._end(previous)
+        self._begin(ks)
+        return ks
+
+    def close(self, ks: KeyState) -> None:
+        self._end(ks)
+        with self._lock:
+            if self._keys.get(ks.key) is ks:
+                del self._keys[ks.key]
+
+    def _schedule(self, ks: KeyState) -> Schedule:
+        if ks.timesteps is not None:
+            s = self.settings
+            return TimestepSchedule(ks.timesteps, s.window, s.interval)
+        return schedule_for(self.settings)
+
+    def _begin(self, ks: KeyState) -> _Generation:
+        self._end(ks)
+        ks.number += 1
+        schedule = self._schedule(ks)
+        schedule.start()
+        ks.generation = _Generation(ks.number, schedule)
+        return ks.generation
+
+    def _end(self, ks: KeyState) -> None:
+        gen, ks.generation = ks.generation, None
+        if gen is not None and gen.calls:
+            self.finished.append(gen.stats(ks.key))
+        if gen is not None:
+            gen.slots.clear()
+
+    def restart(self) -> None:
+        """End every running generation (``set_schedule``, ``reset``): the next call computes."""
+        with self._lock:
+            states = list(self._keys.values())
+        for ks in states:
+            self._end(ks)
+
+    def reset(self) -> None:
+        """Forget everything: caches, loop positions, history."""
+        with self._lock:
+            self._keys.clear()
+        self.finished.clear()
+
+    def running_generations(self) -> list[_Generation]:
+        with self._lock:
+            states = list(self._keys.values())
+        return [ks.generation for ks in states if ks.generation is not None]
+
+    def running(self) -> list[GenerationStats]:
+        with self._lock:
+            states = [ks for ks in self._keys.values() if ks.generation is not None]
+        return [ks.generation.stats(ks.key) for ks in states if ks.generation is not None]
+
+    def cache_bytes(self) -> int:
+        return sum(gen.cache_bytes() for gen in self.running_generations())
+
+    # -- one call ---------------------------------------------------------------------------------
+    def current(self) -> KeyState:
+        """The key state the current call belongs to: the innermost ``generation`` block open
+        on this model in this context, else the automatic one."""
+        for entry in reversed(_ACTIVE.get()):
+            if self.belongs_to(entry.owner):
+                opened = entry.opened.get(id(self))
+                if opened is None:  # the block's first call of this model: open it now
+                    ks = self.open(entry.key, entry.timesteps, entry.branches)
+                    opened = entry.opened[id(self)] = (self, ks)
+                return opened[1]
+        return self.key_state(None)
+
+    def advance(self, ks: KeyState, layout: LayoutKey, t: float | None) -> tuple[_Generation, int]:
+        """Place a call with timestep ``t`` (``None``: a graph without a timestep input) in the
+        loop; returns the generation and the call's branch index among the calls of graphs with
+        ``layout`` at this step."""
+        gen = ks.generation
+        if ks.counts_steps:
+            return self._count(ks, layout)
+        if t is None:
+            if gen is None or gen.step < 0:  # nothing has read a timestep yet: compute
+                gen = gen or self._begin(ks)
+                self._new_step(gen, None)
+        elif gen is None or gen.last_t is None:
+            gen = gen or self._begin(ks)
+            gen.t0 = t
+            self._new_step(gen, t)
+        elif t != gen.last_t:
+            moved = 1 if t > gen.last_t else -1
+            if not ks.explicit and gen.direction not in (0, moved):
+                gen = self._begin(ks)  # time moved against the loop's direction
+                gen.t0 = t
+            elif gen.direction == 0:
+                gen.direction = moved
+            self._new_step(gen, t)
+        branch = gen.calls_at_step.get(layout, 0)
+        gen.calls_at_step[layout] = branch + 1
+        return gen, branch
+
+    # Note [Counted steps]
+    # Inside ``generation(model, timesteps=ts, branches=b)`` the runtime never reads the timestep
+    # tensor (on a GPU that is a device-to-host sync per call, which stalls the launch queue and
+    # rules out CUDA graphs). A graph's calls are counted instead: a call of a graph that has
+    # already been called ``b`` times in this step starts the next step (``b`` = calls of the
+    # model per step: 1 for batched CFG, 2 for sequential cond/uncond). Step ``i`` takes the
+    # paper's rule on ``ts`` and its progress from ``ts[i]``; calls past ``len(ts)`` steps compute.
+    def _count(self, ks: KeyState, layout: LayoutKey) -> tuple[_Generation, int]:
+        assert ks.timesteps is not None
+        gen = ks.generation or self._begin(ks)
+        if gen.step < 0 or gen.calls_at_step.get(layout, 0) >= ks.branches:
+            ts = ks.timesteps
+            i = gen.step + 1
+            if i < len(ts):
+                gen.t0 = ts[0]
+                gen.direction = 0 if len(ts) < 2 or ts[1] == ts[0] else (1 if ts[1] > ts[0] else -1)
+                self._new_step(gen, ts[i])
+            else:
+                if not ks.warned:
+                    log.warning(
+                        "blockdance: generation %r was given %d timesteps but called for more "
+                        "steps; the extra steps compute",
+                        ks.key,
+                        len(ts),
+                    )
+                    ks.warned = True
+                self._new_step(gen, None)
+        branch = gen.calls_at_step.get(layout, 0)
+        gen.calls_at_step[layout] = branch + 1
+        return gen, branch
+
+    @staticmethod
+    def _new_step(gen: _Generation, t: float | None) -> None:
+        gen.step += 1
+        gen.calls_at_step.clear()
+        gen.step_reused.append(True)  # until a call of the step computes
+        if t is not None and gen.t0 is not None:
+            gen.progress = progress(gen.t0, t, gen.direction)
+            gen.step_may_reuse = gen.schedule.step(t, gen.progress)
+            gen.last_t = t
+        else:
+            gen.step_may_reuse = False
+
+    @staticmethod
+    def record(gen: _Generation, reused: bool) -> None:
+        gen.calls += 1
+        gen.reused_calls += reused
+        if not reused:
+            gen.step_reused[-1] = False
+        counters["blockdance"]["reuse_steps" if reused else "cache_steps"] += 1
+
+    @staticmethod
+    def store(gen: _Generation, slot_key: tuple[LayoutKey, int], slot: Slot | None) -> None:
+        if slot is None:
+            gen.slots.pop(slot_key, None)
+            return
+        if slot_key[1] < MAX_BRANCHES:
+            gen.slots[slot_key] = slot
+            gen.peak_bytes = max(gen.peak_bytes, gen.cache_bytes())
+
+
+# -- explicit generations ---------------------------------------------------------------------
+@dataclass(eq=False)
+class _Open:
+    """A ``bd_compile.generation`` block: opened on a model's loop states at their first call."""
+
+    owner: torch.nn.Module
+    key: Hashable
+    timesteps: tuple[float, ...] | None
+    branches: int
+    opened: dict[int, tuple[LoopState, KeyState]] = field(default_factory=dict)
+
+
+_ACTIVE: contextvars.ContextVar[tuple[_Open, ...]] = contextvars.ContextVar(
+    "blockdance_generations", default=()
+)
+
+
+@contextlib.contextmanager
+def generation_of(
+    owner: torch.nn.Module, key: Hashable, timesteps: tuple[float, ...] | None, branches: int
+) -> Iterator[None]:
+    """Calls of ``owner`` inside the block use the loop state of ``key``; leaving the block ends
+    that generation on every loop state it was opened on."""
+    entry = _Open(owner, key, timesteps, branches)
+    token = _ACTIVE.set((*_ACTIVE.get(), entry))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+        for state, ks in entry.opened.values():
+            state.close(ks)
+
+
+# -- one state per model ----------------------------------------------------------------------
+_STATES: weakref.WeakKeyDictionary[torch.nn.Module, LoopState] = weakref.WeakKeyDictionary()
+_UNOWNED: list[weakref.ReferenceType[LoopState]] = []
+
+
+def state_for(
+    owner: torch.nn.Module | None, settings: Settings, params: frozenset[int]
+) -> LoopState:
+    """The loop state a new graph of ``owner`` (``backend.graph_owner``) joins.
+
+    Graphs of one ``torch.compile`` wrapper share a state; a state whose graphs are all gone
+    (``torch._dynamo.reset()``) starts afresh. Without a known owner, graphs that share a
+    parameter share a state.
+    """
+    if owner is not None:
+        state = _STATES.get(owner)
+        if state is None or not state.live():
+            state = _STATES[owner] = LoopState(settings, owner)
+        return state
+    for ref in list(_UNOWNED):
+        candidate = ref()
+        if candidate is None:
+            _UNOWNED.remove(ref)
+        elif any(r.param_ids & params for r in candidate.live()):
+            return candidate
+    state = LoopState(settings)
+    _UNOWNED.append(weakref.ref(state))
+    return state
+
+
+def states_of(model: torch.nn.Module | None) -> list[LoopState]:
+    """The live loop states of ``model`` (every model's if ``None``)."""
+    found = [s for s in list(_STATES.values()) if s.live()]
+    if model is not None:
+        found = [s for s in found if s.belongs_to(model)]
+        module = getattr(model, "_orig_mod", model)
+        ids = {id(p) for p in module.parameters()} if isinstance(module, torch.nn.Module) else set()
+    for ref in _UNOWNED:
+        s = ref()
+        if s is not None and s not in found and s.live():
+            if model is None or any(r.param_ids & ids for r in s.live()):
+                found.append(s)
+    return found

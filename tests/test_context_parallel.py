@@ -1,0 +1,338 @@
+"""BlockDance under diffusers context parallelism: 2 spawned CPU processes, gloo, a tiny Flux.
+
+Each rank holds a sequence shard (ulysses: all-to-all over heads; ring: all-gather of K/V). The
+backend sees one Dynamo graph per rank with the collectives inside the blocks, so the cached
+region contains them: on a reuse step every rank skips the same collectives. That is safe only
+because every rank makes the same decision at every call, which holds by construction today
+(see the Note below). The test checks it end to end: same counters on both ranks, and each
+rank's output at every step equal to the non-parallel blockdance run of the same weights and
+inputs.
+
+Two CPU-only obstacles of diffusers 0.42 are worked around here, in the test only (FIELD-NOTES,
+"diffusers context parallelism on CPU"): ``enable_parallelism`` divides by
+``torch.accelerator.device_count()`` (0 on a CPU-only torch), and ring attention asks the
+native SDPA backend for the log-sum-exp, which it refuses on CPU.
+
+Note [Decisions agree across ranks]
+Every collective in the cached region must run on all ranks or on none: a rank that reuses
+while its peer computes leaves the peer blocked in an all-to-all (a hang until the process
+group's timeout), and even a decision that skips no collective would mix steps across shards.
+Today every decision is a function of the timestep sequence, the schedule options and the
+input shapes, which are the same on every rank by construction (the pipeline passes the same
+timestep to all ranks; shards have equal shapes), so the ranks agree without talking.
+A future data-dependent decision (an adaptive policy that reads a feature of the rank's own
+shard, e.g. a similarity between steps) breaks this: shards differ, so their scores differ. It
+must then be agreed explicitly, from a value every rank holds:
+- reduce the per-rank evidence over the model's context-parallel process group (the default
+  group if none is given) before deciding: ``all_reduce(score, op=MIN)`` (reuse only where
+  every shard allows it) or an all-reduce of the decision mask with ``op=MIN`` (logical AND);
+  or decide on rank 0 and ``broadcast`` the decision;
+- do it once per generation (or at a calibration point), turning the result into a fixed
+  schedule mask, not once per step: a per-step collective on the host path adds a
+  synchronisation to every call and, on GPU, a device-to-host copy;
+- the agreed schedule then drives all ranks exactly as today's timestep-derived one does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import zoo
+from torch._dynamo.utils import counters
+
+WORLD = 2
+STEPS = 10
+SEED = 0
+OPTIONS: dict[str, Any] = {"inner": "cp_recorder", "interval": 2, "window": (0.25, 0.95)}
+"""Schedule with reuse (10 steps: CCCCRCRCRC); the inner compiler is aot_eager, recorded."""
+ATOL = 1e-5
+COUNTERS = ("graphs_rewritten", "fallbacks", "cache_steps", "reuse_steps")
+COLLECTIVES = ("all_to_all", "all_gather", "all_reduce", "reduce_scatter", "broadcast")
+JOIN_TIMEOUT_S = 400.0
+"""A hung worker fails the test after this long (a whole case takes ~1 min on 1 free core)."""
+PG_TIMEOUT = datetime.timedelta(seconds=120)
+"""gloo collectives of a rank whose peer diverged raise after this long instead of hanging."""
+
+
+# --------------------------------------------------------------------------------------------
+# A recording inner compiler: finds the cached region without relying on the runtime's insides
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GraphRecord:
+    """One graph the backend handed to its inner compiler, and what running it did."""
+
+    collectives: dict[str, int]
+    calls: int = 0
+    output_bytes: int = 0
+    """Bytes of the tensors the last call returned."""
+
+
+@dataclass(eq=False)  # hashable: Dynamo's registry keys backends by them
+class GraphRecorder:
+    """An inner backend that compiles with aot_eager and records every graph and its calls.
+
+    The cached region is the graph that runs only on cache steps: its call count equals the
+    ``cache_steps`` counter while the other graphs run on every call. What it returns is what
+    the runtime keeps, so its output bytes are the cache of one branch.
+    """
+
+    graphs: list[GraphRecord] = field(default_factory=list)
+
+    def __call__(
+        self, gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any
+    ) -> Callable[..., Any]:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        found: Counter[str] = Counter()
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                found.update(c for c in COLLECTIVES if c in str(node.target))
+        record = GraphRecord(dict(found))
+        self.graphs.append(record)
+        compiled = lookup_backend("aot_eager")(gm, example_inputs)
+
+        def run(*args: Any) -> Any:
+            out = compiled(*args)
+            record.calls += 1
+            values = out if isinstance(out, (tuple, list)) else (out,)
+            record.output_bytes = sum(
+                v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)
+            )
+            return out
+
+        return run
+
+    def region(self, cache_steps: int) -> GraphRecord:
+        found = [g for g in self.graphs if g.calls == cache_steps]
+        assert len(found) == 1, (
+            f"expected one graph called only on the {cache_steps} cache steps, "
+            f"got calls {[g.calls for g in self.graphs]}"
+        )
+        return found[0]
+
+
+RECORDER = GraphRecorder()
+
+
+def _register_recorder() -> None:
+    from torch._dynamo.backends.registry import register_backend
+
+    if OPTIONS["inner"] not in torch._dynamo.list_backends(exclude_tags=()):
+        register_backend(RECORDER, name=OPTIONS["inner"])
+
+
+# --------------------------------------------------------------------------------------------
+# One run of the sampling loop, parallel or not
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """What a run produced; saved by each worker for the parent to compare."""
+
+    outputs: list[torch.Tensor]
+    counters: dict[str, int]
+    graphs: list[GraphRecord]
+    region: GraphRecord
+
+
+def run_blockdance(case: zoo.ZooCase) -> RunResult:
+    """Compile ``case.model`` with the blockdance backend and run the loop, keeping every output."""
+    _register_recorder()
+    torch._dynamo.reset()
+    counters.clear()
+    RECORDER.graphs.clear()
+    compiled = torch.compile(case.model, backend="blockdance", options=OPTIONS)
+    outputs: list[torch.Tensor] = []
+
+    def call(**kwargs: Any) -> torch.Tensor:
+        # return_dict=False: diffusers' context-parallel output hook gathers tensors or tuples.
+        out = zoo.first_tensor(compiled(**kwargs, return_dict=False))
+        outputs.append(out.detach().clone())
+        return out
+
+    zoo.run_loop(case, call, STEPS, cfg="none", seed=SEED)
+    stats = {k: int(counters["blockdance"][k]) for k in COUNTERS}
+    return RunResult(outputs, stats, list(RECORDER.graphs), RECORDER.region(stats["cache_steps"]))
+
+
+# --------------------------------------------------------------------------------------------
+# The workers and their CPU-only workarounds
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_device_count_workaround() -> None:
+    """``enable_parallelism`` computes ``rank % torch.accelerator.device_count()``: 0 on CPU."""
+    torch.accelerator.device_count = lambda *args, **kwargs: 1  # type: ignore[assignment]
+
+
+def _cpu_ring_lse_workaround() -> None:
+    """Ring attention needs (out, lse); native SDPA refuses ``return_lse=True`` on CPU.
+
+    Replaces diffusers' native forward op (looked up by name at call time) with one on
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp.
+    Inference only: nothing is saved for a backward pass.
+    """
+    from diffusers.models import attention_dispatch
+
+    def forward_op(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        return_lse: bool = False,
+        _save_ctx: bool = True,
+        _parallel_config: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # diffusers' layout is (B, S, H, D) and lse (B, S, H); aten's (B, H, S, D) and (B, H, S).
+        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+        )
+        out = out.permute(0, 2, 1, 3)
+        return (out, lse.permute(0, 2, 1)) if return_lse else out
+
+    attention_dispatch._native_attention_forward_op = forward_op
+
+
+def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=PG_TIMEOUT,
+    )
+    try:
+        from diffusers.models._modeling_parallel import ContextParallelConfig
+        from diffusers.models.modeling_utils import ModelMixin
+
+        _cpu_device_count_workaround()
+        if mode == "ring":
+            _cpu_ring_lse_workaround()
+        config = (
+            ContextParallelConfig(ulysses_degree=WORLD)
+            if mode == "ulysses"
+            else ContextParallelConfig(ring_degree=WORLD)
+        )
+        case = zoo.make_flux(SEED)
+        cast(ModelMixin, case.model).enable_parallelism(config=config)
+        result = run_blockdance(case)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Spawning: free port, one retry on a port race, worker tracebacks in the failure, no leftovers
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_taken(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "address already in use" in text or "eaddrinuse" in text
+
+
+def _spawn_once(mode: str, out_dir: Path) -> None:
+    ctx = mp.start_processes(
+        _worker,
+        args=(_free_port(), mode, str(out_dir)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        # join() raises ProcessRaisedException with the worker's traceback (and terminates the
+        # other worker) as soon as one fails.
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{mode}: workers still running after {JOIN_TIMEOUT_S:.0f} s (hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+
+
+def spawn_workers(mode: str, out_dir: Path) -> list[RunResult]:
+    """Run ``_worker`` on 2 spawned ranks; retry once if the free port was taken meanwhile."""
+    try:
+        _spawn_once(mode, out_dir)
+    except mp.ProcessRaisedException as e:
+        if not _port_taken(e):
+            raise
+        _spawn_once(mode, out_dir)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# --------------------------------------------------------------------------------------------
+# The test
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def non_parallel() -> RunResult:
+    """The blockdance run of the same model, weights and inputs in one process."""
+    # Here, not at collection: importing diffusers takes seconds.
+    pytest.importorskip("diffusers.models._modeling_parallel", reason="diffusers without CP")
+    ref = run_blockdance(zoo.make_flux(SEED))
+    assert ref.counters["reuse_steps"] > 0, ref.counters
+    return ref
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+@pytest.mark.parametrize(
+    ("mode", "collective"), [("ulysses", "all_to_all"), ("ring", "all_gather")]
+)
+def test_context_parallel_ranks_agree_and_match_non_parallel(
+    mode: str, collective: str, non_parallel: RunResult, tmp_path: Path
+) -> None:
+    ranks = spawn_workers(mode, tmp_path)
+    for rank, got in enumerate(ranks):
+        where = f"{mode} rank {rank}"
+        assert got.counters["graphs_rewritten"] >= 1, (where, got.counters)
+        assert got.counters["fallbacks"] == 0, (where, got.counters)
+        assert got.counters["reuse_steps"] > 0, (where, got.counters)
+        # The collectives of the skipped blocks are inside the cached region.
+        assert got.region.collectives.get(collective, 0) >= 1, (where, got.graphs)
+        # Each rank caches its sequence shard: half the non-parallel cache.
+        assert got.region.output_bytes * WORLD == non_parallel.region.output_bytes, (
+            where,
+            got.region.output_bytes,
+            non_parallel.region.output_bytes,
+        )
+        assert len(got.outputs) == len(non_parallel.outputs) == STEPS
+        for step, (out, ref) in enumerate(zip(got.outputs, non_parallel.outputs, strict=True)):
+            assert out.shape == ref.shape, (where, step, out.shape, ref.shape)
+            err = (out - ref).abs().max().item()
+            assert err <= ATOL, f"{where} step {step}: max abs difference {err:.2e} > {ATOL}"
+    # Same decisions on every rank, and the same as without parallelism.
+    assert ranks[0].counters == ranks[1].counters == non_parallel.counters

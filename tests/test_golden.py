@@ -1,0 +1,157 @@
+"""Golden tests that pin the runtime's rules against the independent eager reference.
+
+Each test asserts that the graph was rewritten (no silent fallback) and that reuse happened
+before it compares outputs, so a planted bug in a rule fails here instead of passing because
+nothing was cached. The rules: the schedule is asked once per step, not per call; a generation
+never reads the previous generation's cache; a cache is read only with the input signature
+that wrote it; graphs with symbolic dims are rewritten, not left uncached.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zoo
+from reference import paper_plan, progress_plan, run_reference_loop
+from torch._dynamo.utils import counters
+
+import bd_compile
+
+AOT = {"inner": "aot_eager"}
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> None:
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def model_timesteps(case: zoo.ZooCase, steps: int) -> list[float]:
+    sched = case.make_scheduler()
+    sched.set_timesteps(steps)
+    return [float(case.model_timestep(t, 1)[0]) for t in sched.timesteps]
+
+
+def cache_block(case: zoo.ZooCase) -> int:
+    return bd_compile.default_cache_block(len(case.blocks()))
+
+
+def assert_rewritten_and_reused(reuse: int | None = None) -> None:
+    c = counters["blockdance"]
+    assert c["graphs_rewritten"] >= 1 and c["fallbacks"] == 0, dict(c)
+    assert c["reuse_steps"] > 0 if reuse is None else c["reuse_steps"] == reuse, dict(c)
+
+
+def pattern(plan: list[bool]) -> str:
+    return "".join("R" if r else "C" for r in plan)
+
+
+def test_default_cache_block_is_three_quarters_of_depth() -> None:
+    assert bd_compile.default_cache_block(28) == 20  # the paper's blocks 0..20 of 28
+    assert bd_compile.default_cache_block(12) == 8
+    assert bd_compile.default_cache_block(6) == 3
+    assert bd_compile.default_cache_block(2) == 0
+    case = zoo.get("pixart")  # the backend uses it: 6 blocks -> 3
+    compiled = torch.compile(case.model, backend="blockdance", options=AOT)
+    zoo.run_loop(case, compiled, 2, cfg="batched")
+    assert len(case.blocks()) == 6 and bd_compile.stats(compiled).graphs[0].cache_block == 3
+
+
+def test_two_generations_never_read_each_others_cache() -> None:
+    """A mask that reuses at every timestep: only 'first call of a generation computes'
+    separates generation 2 from generation 1's cache."""
+    case, steps = zoo.get("pixart"), 8
+    mask = torch.ones(1000, dtype=torch.bool)
+    compiled = torch.compile(case.model, backend="blockdance", options={**AOT, "schedule": mask})
+    first = zoo.run_loop(case, compiled, steps, cfg="batched", seed=0)
+    second = zoo.run_loop(case, compiled, steps, cfg="batched", seed=1)
+    plan = [False] + [True] * (steps - 1)
+    assert_rewritten_and_reused(2 * (steps - 1))
+    assert [g.pattern for g in bd_compile.stats(compiled).generations] == [pattern(plan)] * 2
+    for got, seed in ((first, 0), (second, 1)):
+        ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched", seed=seed)
+        torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3"])
+def test_sequential_cfg_under_the_default_schedule(name: str) -> None:
+    """Both branches of a step follow one decision, each from its own cache."""
+    case, steps = zoo.get(name), 20
+    plan = progress_plan(model_timesteps(case, steps))
+    compiled = torch.compile(case.model, backend="blockdance", options=AOT)
+    got = zoo.run_loop(case, compiled, steps, cfg="sequential")
+    assert_rewritten_and_reused(2 * sum(plan))
+    assert bd_compile.stats(compiled).last.pattern == pattern(plan)
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "sequential")
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+@pytest.mark.parametrize("interval", [3, 4])
+def test_larger_intervals_match_the_reference(interval: int) -> None:
+    case, steps, window = zoo.get("dit"), 20, (0.25, 0.95)
+    plan = progress_plan(model_timesteps(case, steps), window, interval)
+    assert plan == paper_plan(steps, window, interval)
+    compiled = torch.compile(
+        case.model, backend="blockdance", options={**AOT, "interval": interval, "window": window}
+    )
+    got = zoo.run_loop(case, compiled, steps, cfg="batched")
+    assert_rewritten_and_reused(sum(plan))
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_matching_on_its_default_schedule(name: str) -> None:
+    """No ``timesteps`` option: the window is in noise level (sigma) along the trajectory."""
+    case, steps = zoo.get(name), 16
+    plan = progress_plan(model_timesteps(case, steps))
+    compiled = torch.compile(case.model, backend="blockdance", options=AOT)
+    got = zoo.run_loop(case, compiled, steps, cfg="batched")
+    assert_rewritten_and_reused(sum(plan))
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_dynamic_shapes_are_rewritten_and_match_the_reference(name: str) -> None:
+    case, steps, window = zoo.get(name), 8, (0.25, 0.95)
+    plan = progress_plan(model_timesteps(case, steps), window)
+    compiled = torch.compile(
+        case.model, backend="blockdance", dynamic=True, options={**AOT, "window": window}
+    )
+    got = zoo.run_loop(case, compiled, steps, cfg="batched", batch=2)
+    assert_rewritten_and_reused(sum(plan))
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched", batch=2)
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+def test_a_second_batch_size_stays_cached() -> None:
+    """Dynamo's automatic dynamic shapes recompile with a symbolic batch on the second batch
+    size; that graph must be rewritten too, and every batch size reads only its own cache."""
+    case, steps = zoo.get("pixart"), 8
+    plan = progress_plan(model_timesteps(case, steps))
+    compiled = torch.compile(case.model, backend="blockdance", options=AOT)
+    for batch in (1, 2, 3):
+        got = zoo.run_loop(case, compiled, steps, cfg="batched", batch=batch)
+        ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched", batch=batch)
+        torch.testing.assert_close(got.latents, ref.latents, **TOL)
+    assert counters["blockdance"]["graphs_rewritten"] == 2  # static batch 1, then symbolic
+    assert_rewritten_and_reused(3 * sum(plan))
+
+
+def test_a_shape_change_inside_a_generation_never_reads_another_shapes_cache() -> None:
+    case = zoo.get("zoo_dit")
+    mask = torch.ones(1000, dtype=torch.bool)
+    compiled = torch.compile(
+        case.model, backend="blockdance", dynamic=True, options={**AOT, "schedule": mask}
+    )
+    t = torch.tensor([900, 800, 700])
+    a, b = case.example_inputs(batch=2), case.example_inputs(batch=3)
+    with torch.no_grad():
+        compiled(**{**a, case.timestep_kwarg: t[0].expand(2)})
+        out = compiled(**{**b, case.timestep_kwarg: t[1].expand(3)})  # new step, other shape
+        ref = case.model(**{**b, case.timestep_kwarg: t[1].expand(3)})
+        compiled(**{**b, case.timestep_kwarg: t[2].expand(3)})  # same shape again: reuses
+    torch.testing.assert_close(zoo.first_tensor(out), zoo.first_tensor(ref), **TOL)
+    assert_rewritten_and_reused(1)
