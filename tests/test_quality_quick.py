@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bd_compile.calibration import Calibration, save_calibration
+from bd_compile.analysis import Calibration, save_calibration
 from benchmarks import quality
 from benchmarks.reference.sampling import build_dit, make_train_scheduler
 
