@@ -264,7 +264,11 @@ def test_too_deep_cache_block_falls_back() -> None:
     assert counters["blockdance"]["fallbacks"] == 1
 
 
-def test_graph_break_graphs_are_handled_each_on_its_own() -> None:
+def test_graph_break_inside_the_block_loop_falls_back_and_stays_correct() -> None:
+    """A break inside a block's forward, within the loop over the blocks: Dynamo compiles each
+    block's frame on its own, so no graph holds a block list. Every graph falls back (README
+    Limitations) and the result is still the eager one. A break *between* blocks is rewritten:
+    tests/test_loop_state.py::test_graph_break_pieces_share_the_step_decision."""
     case = zoo.build("zoo_dit")
     stage = case.model.stages[2]
     original = stage.forward
@@ -279,7 +283,7 @@ def test_graph_break_graphs_are_handled_each_on_its_own() -> None:
     got = zoo.run_loop(case, compiled, 6, cfg="batched")
     torch.testing.assert_close(got.latents, eager.latents, **TOL)
     c = counters["blockdance"]
-    assert c["graphs_rewritten"] + c["fallbacks"] >= 2
+    assert c["graphs_rewritten"] == 0 and c["fallbacks"] >= 2, dict(c)
 
 
 @pytest.mark.parametrize(
