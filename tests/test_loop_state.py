@@ -42,7 +42,7 @@ def assert_rewritten_and_reused() -> None:
     assert c["graphs_rewritten"] >= 1 and c["reuse_steps"] > 0, dict(c)
 
 
-@pytest.mark.parametrize("cfg", ["batched", "sequential"])
+@pytest.mark.parametrize("cfg", ["batched", pytest.param("sequential", marks=pytest.mark.slow)])
 def test_recompile_mid_generation_continues_the_generation(cfg: zoo.CfgMode) -> None:
     """Without no_grad the latent starts requiring grad after step 0: Dynamo recompiles. The
     second graph must continue the same generation, schedule and per-branch caches."""
