@@ -18,6 +18,7 @@ os.environ.setdefault(
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -27,3 +28,10 @@ def _seeded() -> Iterator[None]:
     """Every test starts from the same global RNG state."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> None:
+    """Every test starts without compiled graphs or counts from the tests before it."""
+    torch._dynamo.reset()
+    counters.clear()

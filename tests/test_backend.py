@@ -13,33 +13,15 @@ import sys
 import pytest
 import torch
 import zoo
+from bd_testing import AOT, TOL, cache_block, model_timesteps
 from reference import paper_plan, progress_plan, run_reference_loop
 from torch._dynamo.utils import counters
 
 import bd_compile
 
-AOT = {"inner": "aot_eager"}
-TOL = {"rtol": 1e-4, "atol": 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> None:
-    torch._dynamo.reset()
-    counters.clear()
-
 
 def compile_bd(case: zoo.ZooCase, **options: object) -> torch.nn.Module:
     return torch.compile(case.model, backend="blockdance", options={**AOT, **options})
-
-
-def model_timesteps(case: zoo.ZooCase, steps: int) -> list[float]:
-    sched = case.make_scheduler()
-    sched.set_timesteps(steps)
-    return [float(case.model_timestep(t, 1)[0]) for t in sched.timesteps]
-
-
-def cache_block(case: zoo.ZooCase) -> int:
-    return bd_compile.default_cache_block(len(case.blocks()))
 
 
 @pytest.mark.parametrize("name", zoo.NAMES)

@@ -6,26 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import zoo
+from bd_testing import AOT, TOL, model_timesteps
 from reference import progress_plan, progress_values, run_reference_loop
 from torch._dynamo.utils import counters
 
 import bd_compile
 from bd_compile.runtime import lagrange_weights
-
-AOT = {"inner": "aot_eager"}
-TOL = {"rtol": 1e-4, "atol": 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> None:
-    torch._dynamo.reset()
-    counters.clear()
-
-
-def model_timesteps(case: zoo.ZooCase, steps: int) -> list[float]:
-    sched = case.make_scheduler()
-    sched.set_timesteps(steps)
-    return [float(case.model_timestep(t, 1)[0]) for t in sched.timesteps]
 
 
 def test_lagrange_weights_reproduce_polynomials() -> None:

@@ -12,39 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 import zoo
+from bd_testing import AOT, TOL, assert_rewritten_and_reused, cache_block, model_timesteps, pattern
 from reference import paper_plan, progress_plan, run_reference_loop
 from torch._dynamo.utils import counters
 
 import bd_compile
-
-AOT = {"inner": "aot_eager"}
-TOL = {"rtol": 1e-4, "atol": 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> None:
-    torch._dynamo.reset()
-    counters.clear()
-
-
-def model_timesteps(case: zoo.ZooCase, steps: int) -> list[float]:
-    sched = case.make_scheduler()
-    sched.set_timesteps(steps)
-    return [float(case.model_timestep(t, 1)[0]) for t in sched.timesteps]
-
-
-def cache_block(case: zoo.ZooCase) -> int:
-    return bd_compile.default_cache_block(len(case.blocks()))
-
-
-def assert_rewritten_and_reused(reuse: int | None = None) -> None:
-    c = counters["blockdance"]
-    assert c["graphs_rewritten"] >= 1 and c["fallbacks"] == 0, dict(c)
-    assert c["reuse_steps"] > 0 if reuse is None else c["reuse_steps"] == reuse, dict(c)
-
-
-def pattern(plan: list[bool]) -> str:
-    return "".join("R" if r else "C" for r in plan)
 
 
 def test_default_cache_block_is_three_quarters_of_depth() -> None:

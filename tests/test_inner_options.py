@@ -16,13 +16,6 @@ from torch._dynamo.utils import counters
 import bd_compile
 from bd_compile.loop import states_of
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> None:
-    torch._dynamo.reset()
-    counters.clear()
-
-
 #: data pointers of every tensor the region graph returned (the recorder below fills it)
 REGION_OUTPUTS: list[int] = []
 
