@@ -1,0 +1,74 @@
+"""benchmarks.speed's flags: parsing, scenario selection and the rows ``--cudagraphs`` adds
+(no generation runs: ``torch.compile`` is lazy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import speed
+
+
+def test_defaults_keep_the_cpu_benchmark() -> None:
+    args = speed.parse_args([])
+    assert (args.device, args.dtype, args.blocks, args.width, args.latent) == (
+        "cpu",
+        "float32",
+        28,
+        384,
+        32,
+    )
+    assert not (args.cudagraphs or args.counted or args.no_compile_times)
+    assert [s.key for s in speed.select_scenarios(args.scenarios)] == ["dpm30", "ddim50"]
+
+
+def test_scenarios_by_short_name() -> None:
+    args = speed.parse_args(["--scenarios", "ddim50", "dpm30", "ddim50"])
+    assert [s.name for s in speed.select_scenarios(args.scenarios)] == [
+        "DDIM 50",
+        "DPM-Solver++ 30",
+    ]
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--scenarios", "euler20"])
+    with pytest.raises(ValueError, match="dpm30"):
+        speed.select_scenarios(["euler20"])
+
+
+def test_quick_and_flags() -> None:
+    args = speed.parse_args(["--quick", "--cudagraphs", "--counted", "--no-compile-times"])
+    assert (args.blocks, args.width, args.latent, args.repeats, args.tag) == (
+        12,
+        128,
+        16,
+        1,
+        "quick",
+    )
+    assert args.cudagraphs and args.counted and args.no_compile_times
+
+
+def test_cudagraph_rows() -> None:
+    args = speed.parse_args(["--cudagraphs", "--intervals", "2", "3"])
+    model = torch.nn.Linear(2, 2)
+    methods = speed.build_methods(args, model)
+    assert list(methods) == [
+        "eager",
+        "inductor",
+        "inductor + CUDA graphs",
+        "blockdance N=2",
+        "blockdance N=3",
+        "blockdance N=2 + CUDA graphs",
+        "blockdance N=3 + CUDA graphs",
+    ]
+    # one compiled blockdance model per mode, switched between N per row
+    assert list(speed.blockdance_models(methods)) == [
+        "blockdance N=2",
+        "blockdance N=2 + CUDA graphs",
+    ]
+    assert methods["blockdance N=3"].model is methods["blockdance N=2"].model
+    assert speed.warm_up_methods(args, methods) == methods
+    plain = speed.parse_args(["--intervals", "2", "3"])
+    assert list(speed.warm_up_methods(plain, speed.build_methods(plain, model))) == [
+        "eager",
+        "inductor",
+        "blockdance N=2",
+    ]
