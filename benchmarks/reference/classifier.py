@@ -17,7 +17,9 @@ import argparse
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +99,7 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: MnistClassifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Predicted labels (int64 [N]) for images in [-1, 1]; ``model`` must be in eval mode."""
     device = next(model.parameters()).device
     out = [
@@ -107,10 +109,58 @@ def predict(model: MnistClassifier, images: torch.Tensor, batch_size: int = 500)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
-def accuracy(model: MnistClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of ``images`` classified as ``labels`` (eval mode is set here)."""
     model.eval()
     return float((predict(model, images) == labels.cpu()).float().mean())
+
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def fit(
+    model: ModelT,
+    split: Any,
+    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> ModelT:
+    """Train ``model`` on ``split``'s train images only (AdamW, one-cycle lr, ``augment_fn``),
+    logging held-out accuracy per epoch; the loop both reference classifiers share.
+
+    ``split`` has ``train_images``/``train_labels``/``held_out_images``/``held_out_labels``.
+    Returns the model in eval mode.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = split.train_images.to(device)
+    y = split.train_labels.to(device)
+    steps_per_epoch = x.shape[0] // batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch
+    )
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(x.shape[0], generator=gen, device=device)
+        total = 0.0
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            loss = F.cross_entropy(model(augment_fn(x[idx], gen)), y[idx], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        acc = accuracy(model, split.held_out_images, split.held_out_labels)
+        logger.info(
+            "epoch %d/%d: loss %.4f, held-out accuracy %.4f (%.1fs)",
+            epoch + 1, epochs, total / steps_per_epoch, acc, time.perf_counter() - t0,
+        )  # fmt: skip
+    return model.eval()
 
 
 def train_classifier(
@@ -126,34 +176,8 @@ def train_classifier(
     Returns the model in eval mode.
     """
     torch.manual_seed(seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
     model = MnistClassifier().to(device)
-    x = split.train_images.to(device)
-    y = split.train_labels.to(device)
-    steps_per_epoch = x.shape[0] // batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch
-    )
-    for epoch in range(epochs):
-        model.train()
-        t0 = time.perf_counter()
-        perm = torch.randperm(x.shape[0], generator=gen, device=device)
-        total = 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(augment(x[idx], gen)), y[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-        acc = accuracy(model, split.held_out_images, split.held_out_labels)
-        logger.info(
-            "epoch %d/%d: loss %.4f, held-out accuracy %.4f (%.1fs)",
-            epoch + 1, epochs, total / steps_per_epoch, acc, time.perf_counter() - t0,
-        )
-    return model.eval()
+    return fit(model, split, augment, epochs, batch_size, lr, seed)
 
 
 def save_classifier(model: MnistClassifier, path: str | Path, held_out_accuracy: float) -> Path:

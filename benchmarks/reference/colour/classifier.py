@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from benchmarks.reference.classifier import accuracy, fit
 from benchmarks.reference.colour.data import CHANNELS, NUM_CLASSES, ColourSplit, load_colour_split
 
 logger = logging.getLogger(__name__)
@@ -104,23 +105,6 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return 1.0 - warped
 
 
-@torch.no_grad()
-def predict(model: ColourClassifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Predicted labels (int64 [N]) for images in [-1, 1]; ``model`` must be in eval mode."""
-    device = next(model.parameters()).device
-    out = [
-        model(images[i : i + batch_size].to(device)).argmax(-1).cpu()
-        for i in range(0, images.shape[0], batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
-
-
-def accuracy(model: ColourClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of ``images`` classified as ``labels`` (eval mode is set here)."""
-    model.eval()
-    return float((predict(model, images) == labels.cpu()).float().mean())
-
-
 def train_classifier(
     split: ColourSplit,
     epochs: int = 25,
@@ -129,43 +113,14 @@ def train_classifier(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> ColourClassifier:
-    """Train on ``split``'s train images only (AdamW, one-cycle lr, augmentation).
+    """Train on ``split``'s train images only (AdamW, one-cycle lr, augmentation), with the
+    MNIST classifier's loop (``benchmarks.reference.classifier.fit``).
 
     Returns the model in eval mode.
     """
     torch.manual_seed(seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
     model = ColourClassifier().to(device)
-    x = split.train_images.to(device)
-    y = split.train_labels.to(device)
-    steps_per_epoch = x.shape[0] // batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch
-    )
-    for epoch in range(epochs):
-        model.train()
-        t0 = time.perf_counter()
-        perm = torch.randperm(x.shape[0], generator=gen, device=device)
-        total = 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(augment(x[idx], gen)), y[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-        acc = accuracy(model, split.held_out_images, split.held_out_labels)
-        logger.info(
-            "epoch %d/%d: loss %.4f, held-out accuracy %.4f (%.1fs)",
-            epoch + 1,
-            epochs,
-            total / steps_per_epoch,
-            acc,
-            time.perf_counter() - t0,
-        )
-    return model.eval()
+    return fit(model, split, augment, epochs, batch_size, lr, seed)
 
 
 def save_classifier(model: ColourClassifier, path: str | Path, held_out_accuracy: float) -> Path:
