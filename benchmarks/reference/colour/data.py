@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from benchmarks.reference.data import checked_labels
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
@@ -251,15 +253,7 @@ def load_colour(
         else:
             logger.info("rendering Noto Color Emoji to %s", cache)
             images, labels, _ = _read_npz(export_npz(cache))
-    x = images_to_tensor(images)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"expected as many labels as images, got {y.shape[0]} and {x.shape[0]}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
-        raise ValueError(
-            f"expected labels in [0, {NUM_CLASSES}), got [{int(y.min())}, {int(y.max())}]"
-        )
-    return x, y
+    return checked_labels(images_to_tensor(images), labels, NUM_CLASSES)
 
 
 def split_indices(
