@@ -241,5 +241,6 @@ class Explanation:
 
 
 def explain(model: Model | None = None) -> Explanation:
-    """What blockdance did to ``model``: blocks found, what is cached and when. ``print()`` it."""
+    """What blockdance did to ``model``: blocks found, what is cached and when; its ``str`` is
+    the report."""
     return Explanation(_require(model))

@@ -126,8 +126,10 @@ def build_runtime(
     inner: InnerCompiler,
     state: LoopState,
     calibrated_for: int | None = None,
+    own_cache: bool = False,
 ) -> GraphRuntime:
-    """Run the passes on ``gm`` and compile its three parts with ``inner``."""
+    """Run the passes on ``gm`` and compile its three parts with ``inner``; ``own_cache``: the
+    inner compiler uses CUDA graphs (Note [Caches under CUDA graphs])."""
     rw = rewrite(
         gm,
         example_inputs,
@@ -157,7 +159,7 @@ def build_runtime(
         rw.timestep_index,
         signature,
         params,
-        own_cache=bool(settings_mod.inductor_config_patches(s).get("triton.cudagraphs")),
+        own_cache=own_cache,
     )
 
 
@@ -180,7 +182,8 @@ def compile_graph(
     params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
     state = state_for(owner if owner is not None else graph_owner(gm), s, params)
     try:
-        runtime = build_runtime(gm, example_inputs, s, inner, state, calibrated_for)
+        cudagraphs = bool(patches.get("triton.cudagraphs"))
+        runtime = build_runtime(gm, example_inputs, s, inner, state, calibrated_for, cudagraphs)
     except (RestartAnalysis, SkipFrame):
         raise  # Dynamo's signals (retrace with floats specialized, ...), not failures
     except Exception as e:
