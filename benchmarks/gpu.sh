@@ -1,62 +1,51 @@
 #!/usr/bin/env bash
-# One prepared GPU speed benchmark for the device tool's lent H100/H200 (issue 11, item 4).
-# NOT RUN YET: nothing below has been seen on a GPU; every number is an estimate.
+# The one prepared script for a session that is lent the device tool's H100/H200 (issues 9 and 11).
+# It does two jobs in one call of at most ~9.5 minutes:
 #
-# Prepare, here, in the root of the checkout the session was started in (the device tool sends
-# that checkout, not a helper's worktree, so this file must be in it: merge branch `gpu` first):
+#  1. trains the colour reference DiT (issue 9) on the GPU, from scratch, for TRAIN_MIN minutes
+#     (16 blocks x 128, batch 2048, lr 1e-3, as the MNIST model was trained on an H200), evaluated
+#     with the committed colour classifier; meanwhile the speed benchmark's graphs are compiled
+#     (`benchmarks.speed --warm-only`, both shapes at once) so that the inductor cache is warm;
+#  2. after both: the timed speed benchmark (issue 11, item 4) on an otherwise idle GPU.
+#     Both parts: PixArt-shaped DiT, random weights, 28 blocks x 1152 (18 heads x 64), bf16,
+#     batch 2 = batched CFG; eager / inductor / inductor + CUDA graphs / blockdance N=2,3,4 with
+#     and without CUDA graphs, --counted (bd_compile.generation with the loop's timesteps, and
+#     one sync-debug-mode "error" check generation per blockdance model), median of 2.
+#       (a) PixArt-alpha 1024px: latent 128 (4,096 tokens), DPM-Solver++ 30 steps.
+#       (b) DiT-XL/2's shape at 512px: latent 64 (1,024 tokens), DDIM 50 steps (PixArt's blocks:
+#           the caption of its table says so).
 #
-#   pip download diffusers==0.42.1 --no-deps -d .devcarry/    # 6.4 MB, py3-none-any;
-#                                                             # .devcarry/ is git-ignored
-# Then call the device tool once:
+# Prepare, here, in the root of the checkout the session was started in (git-ignored folder):
 #
-#   run(command="bash benchmarks/gpu.sh", carry=[".devcarry"], timeout_s=590)
+#   pip download diffusers==0.42.1 --no-deps -d .devcarry/
+#   python -m benchmarks.reference.colour.data --export .devcarry/emoji32.npz   # needs the font
 #
-# and call give_back afterwards unless you rerun at once. What comes back under files_at: for
-# each part speed-gpu-<gpu>-<part>.md/.csv and <part>.log, plus env.txt (7 files; the tool
-# returns at most 8). The .md/.csv are also written to benchmarks/results/ there (not here:
-# copy them from files_at into benchmarks/results/ to commit them).
+# then call the device tool once:
 #
-# The device machine has torch 2.11 (CUDA 13), Python 3.12 and every diffusers dependency
-# (huggingface-hub 1.33, safetensors 0.8, numpy, Pillow, regex, requests, filelock) but no
-# diffusers: the wheel in .devcarry/ is installed with --no-deps into /tmp/site. bd_compile
-# itself runs from the tree (`python3 -m benchmarks.speed` from the repo root; importing
-# bd_compile registers backend="blockdance").
+#   run(command="bash benchmarks/gpu.sh", carry=[".devcarry"], timeout_s=595)
 #
-# Parts (both: PixArt-shaped DiT, random weights, 28 blocks x 1152 (18 heads x 64), bf16,
-# batch 2 = batched CFG, eager / inductor / inductor + CUDA graphs / blockdance N=2,3,4 with
-# and without CUDA graphs, --counted (bd_compile.generation with the loop's timesteps, and one
-# sync-debug-mode "error" check generation per blockdance model), median of 2 generations):
-#   (a) PixArt-alpha 1024px: latent 128 (4,096 tokens), DPM-Solver++ 30 steps.
-#   (b) DiT-XL/2's shape at 512px: latent 64 (1,024 tokens), DDIM 50 steps. speed.py builds
-#       only PixArt blocks (cross-attention to 16 text tokens, adaLN-single), not DiT's
-#       class-conditioned blocks: the caption of its table says so.
+# What comes back under files_at: env.txt (versions, part timings), logs.tar.gz (every log),
+# colour.tar.gz (the trained model folder: config, fp16 weights, scheduler, loss curve, sample
+# grid, training.json with accuracy/FID), and speed-gpu-<gpu>-<part>.md/.csv. Unpack colour.tar.gz
+# into benchmarks/reference/colour/model and copy the .md/.csv into benchmarks/results/.
 #
-# Estimate (FLOPs per call counted by torch.utils.flop_counter on the meta device, batch 2;
-# H200 bf16 ~790 TFLOP/s dense measured on an 8k matmul, ~300-400 realistic for this model):
-#   (a) 4,096 tokens: 12.9 TFLOP per call, ~35 ms per call at 350 TFLOP/s, ~1.1 s per
-#       inductor generation; 29 generations (9 warm-ups, 9 rows x 2, 2 checks; eager slower)
-#       ~40 s of sampling. Cold compiles of 4 models (inductor, inductor + CUDA graphs,
-#       blockdance, blockdance + CUDA graphs; blockdance = 3 graphs) ~1 min each on 16 cores:
-#       ~4-5 min in all. Limit 330 s.
-#   (b) 1,024 tokens: 2.4 TFLOP per call, ~7 ms, ~0.4 s per generation (50 steps), ~15 s of
-#       sampling; the 4 models compile again for the new shape (~3-4 min). Limit: what is left
-#       of a 540 s budget after (a) (at least 150 s).
-# The whole script stays under ~9.5 min (the command limit is 10 min, the session's device
-# time 15 min, start included). A part stopped at its limit leaves its log and, if its scenario
-# finished, its results (speed.py writes them after each scenario, before its compile probes,
-# which --no-compile-times skips anyway).
+# The device machine has torch 2.11 (CUDA 13), Python 3.12 and every diffusers dependency but no
+# diffusers: the wheel in .devcarry/ is installed with --no-deps into /tmp/site.
 #
-# CPU smoke of this script's plumbing (no GPU; tiny model; how it was checked here):
-#   OUT=/tmp/gpu-smoke SPEED_EXTRA="--device cpu --dtype float32 --blocks 2 --width 64 \
-#     --latent 8 --repeats 1 --intervals 2" bash benchmarks/gpu.sh
+# CPU smoke of the plumbing (tiny everything; how it is checked here):
+#   OUT=/tmp/gpu-smoke GPU_SMOKE=1 bash benchmarks/gpu.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-out}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" /tmp/gpu-logs
+LOGS=/tmp/gpu-logs
 START=$(date +%s)
-BUDGET=540
+BUDGET=${BUDGET:-565}        # seconds until the last part must have stopped
+TRAIN_MIN=${TRAIN_MIN:-3.5}  # colour training loop, minutes
+WARM_S=${WARM_S:-250}        # the compile warm-up's limit
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+elapsed() { echo $(( $(date +%s) - START )); }
 
 PY=python3
 if ! $PY -c "import diffusers" 2>/dev/null; then
@@ -65,39 +54,64 @@ if ! $PY -c "import diffusers" 2>/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+if [[ -n "${GPU_SMOKE:-}" ]]; then  # CPU smoke: tiny shapes, seconds
+  DEV=(--device cpu --dtype float32 --blocks 2 --width 64 --repeats 1 --intervals 2)
+  SHAPE_A=(--latent 8) SHAPE_B=(--latent 8)
+  TRAIN=(--device cpu --num-layers 2 --batch-size 16 --max-steps 5 --eval-samples 18
+         --sample-steps 3 --samples-per-class 1)
+else
+  DEV=(--device cuda --dtype bfloat16 --blocks 28 --width 1152 --repeats 2)
+  SHAPE_A=(--latent 128) SHAPE_B=(--latent 64)
+  TRAIN=(--device cuda --batch-size 2048 --lr 1e-3 --warmup-steps 300 --log-every 200)
+fi
 GPU=$($PY -c 'import re, torch; m = torch.cuda.is_available() and re.search(r"[A-Z]\d{2,}", torch.cuda.get_device_name()); print(m.group(0).lower() if m else "nogpu")')
 {
   date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  $PY -c 'import torch, diffusers, triton; print("torch", torch.__version__, "diffusers", diffusers.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
-  $PY -c 'import bd_compile; print("bd_compile from", bd_compile.__file__)'
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  $PY -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'
   git log -1 --oneline 2>/dev/null || true
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+note() { echo "[$(elapsed) s] $*" | tee -a "$OUT/env.txt"; }
 
-COMMON=(--device cuda --dtype bfloat16 --blocks 28 --width 1152 --repeats 2
-        --cudagraphs --counted --no-compile-times)
+# --- 1. colour training (background) beside the compile warm-up of both benchmark shapes ---
+note "colour training: ${TRAIN_MIN} min"
+$PY -m benchmarks.reference.train --dataset colour --data .devcarry/emoji32.npz "${TRAIN[@]}" \
+  --budget-minutes "$TRAIN_MIN" --checkpoint-every 1000000 --out /tmp/colour/model \
+  --checkpoint-dir /tmp/colour/ckpt \
+  --classifier benchmarks/reference/colour/classifier.safetensors >"$LOGS/train.log" 2>&1 &
+TRAIN_PID=$!
+COMMON=(--cudagraphs --counted --no-compile-times "${DEV[@]}")
+timeout --kill-after=10 "$WARM_S" $PY -m benchmarks.speed "${COMMON[@]}" --warm-only \
+  --intervals 2 --repeats 1 --tag warm-a "${SHAPE_A[@]}" --scenarios dpm30 >"$LOGS/warm-a.log" 2>&1 &
+WARM_A=$!
+timeout --kill-after=10 "$WARM_S" $PY -m benchmarks.speed "${COMMON[@]}" --warm-only \
+  --intervals 2 --repeats 1 --tag warm-b "${SHAPE_B[@]}" --scenarios ddim50 >"$LOGS/warm-b.log" 2>&1 &
+WARM_B=$!
+wait $WARM_A; note "warm-up a: rc $?"
+wait $WARM_B; note "warm-up b: rc $?"
+wait $TRAIN_PID; note "colour training: rc $?"
+tail -n 4 "$LOGS/train.log"
+if [[ -d /tmp/colour/model ]]; then
+  tar -C /tmp/colour -czf "$OUT/colour.tar.gz" model
+fi
 
+# --- 2. the timed benchmark, GPU otherwise idle ---
 part() {  # part NAME LIMIT_S ARGS...
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  echo "== part $name (limit ${limit} s)" | tee -a "$OUT/env.txt"
-  # SPEED_EXTRA (unset on the GPU) comes last: its flags override (CPU smoke, header).
-  # shellcheck disable=SC2086
+  note "part $name (limit ${limit} s)"
   timeout --kill-after=10 "$limit" $PY -m benchmarks.speed "${COMMON[@]}" \
-    --tag "gpu-$GPU-$name" "$@" ${SPEED_EXTRA:-} >"$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "== part $name: rc $rc, $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
+    --tag "gpu-$GPU-$name" "$@" >"$LOGS/$name.log" 2>&1
+  note "part $name: rc $?, $(( $(date +%s) - t0 )) s"
   cp benchmarks/results/speed-gpu-"$GPU-$name".{md,csv} "$OUT"/ 2>/dev/null || true
-  tail -n 25 "$OUT/$name.log"
+  tail -n 20 "$LOGS/$name.log"
 }
-
-part pixart1024 330 --latent 128 --scenarios dpm30
-
-LEFT=$(( BUDGET - ($(date +%s) - START) ))
-(( LEFT < 150 )) && LEFT=150
-part dit512 "$LEFT" --latent 64 --scenarios ddim50 \
+LEFT=$(( BUDGET - $(elapsed) ))
+part pixart1024 $(( LEFT * 55 / 100 )) "${SHAPE_A[@]}" --scenarios dpm30
+part dit512 $(( BUDGET - $(elapsed) )) "${SHAPE_B[@]}" --scenarios ddim50 \
   --note "DiT-XL/2's shape (28 x 1152, 1,024 tokens) with PixArt's blocks: speed.py builds only PixArt-shaped models (cross-attention to 16 text tokens instead of DiT's class label)."
 
-echo "total $(( $(date +%s) - START )) s" | tee -a "$OUT/env.txt"
+note "total"
+tar -C "$LOGS" -czf "$OUT/logs.tar.gz" .
 ls -la "$OUT"

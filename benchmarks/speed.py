@@ -11,7 +11,9 @@ time plain inductor again); ``--counted`` runs the blockdance rows inside
 ``bd_compile.generation(model, timesteps=..., branches=1)`` (Note [Counted steps]: no
 device-to-host sync per call) and, on CUDA, checks one extra generation per blockdance model with
 ``torch.cuda.set_sync_debug_mode("error")`` around its model calls; ``--no-compile-times`` skips
-the compile-time subprocesses. See benchmarks/README.md ("GPU run") and benchmarks/gpu.sh.
+the compile-time subprocesses; ``--warm-only`` compiles and runs the warm-up generations, times
+nothing, and leaves TORCHINDUCTOR_CACHE_DIR warm for a timed run (benchmarks/gpu.sh runs it beside
+another job). See benchmarks/README.md ("GPU run") and benchmarks/gpu.sh.
 
 For a 30-step DPM-Solver++ loop and a 50-step DDIM loop (batched CFG, batch 2) it reports the
 median per-generation time of eager, inductor and blockdance N=2,3,4 (one compiled model, the
@@ -320,6 +322,8 @@ def run(args: argparse.Namespace) -> None:
                 seconds = timed(functools.partial(loop, m.model), device)
             called.add(id(m.model))
             print(f"  warm-up {name}: {seconds:.3f} s", flush=True)
+        if args.warm_only:
+            continue
         if fraction is None:
             first = next(iter(bd_models.values()))
             lay = bd_compile.stats(first).graphs[0]
@@ -372,6 +376,9 @@ def run(args: argparse.Namespace) -> None:
             )
         # Results so far, so that a run stopped in a later scenario still leaves this one.
         write(args, rows, {}, machine(), fraction or 0.0, quiet=True)
+    if args.warm_only:
+        print("--warm-only: compiled and warmed up; nothing timed", flush=True)
+        return
     compile_rows: dict[str, tuple[float, float]] = {}
     if not args.no_compile_times:
         compile_rows = {b: compile_times(args, b) for b in ("inductor", "blockdance")}
@@ -504,6 +511,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--no-compile-times", action="store_true", help="skip the compile-time subprocesses"
+    )
+    p.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="compile and run the warm-up generations only (fills TORCHINDUCTOR_CACHE_DIR)",
     )
     p.add_argument("--note", default="", help="a sentence appended to the results' caption")
     p.add_argument("--probe-compile", default=None, help=argparse.SUPPRESS)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +74,15 @@ def test_cudagraph_rows() -> None:
         "inductor",
         "blockdance N=2",
     ]
+
+
+def test_warm_only_compiles_and_writes_no_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(speed, "RESULTS", tmp_path)
+    tiny = ["--blocks", "2", "--width", "64", "--latent", "8", "--repeats", "1"]
+    speed.main([*tiny, "--intervals", "2", "--scenarios", "dpm30", "--warm-only", "--tag", "w"])
+    out = capsys.readouterr().out
+    assert "warm-up blockdance N=2" in out and "nothing timed" in out
+    assert "rep 0" not in out
+    assert list(tmp_path.iterdir()) == []

