@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
-from bd_compile.loop import GenerationStats, LoopState, generation_of, states_of
+from bd_compile.loop import GenerationStats, KeyState, LoopState, generation_of, states_of
 from bd_compile.runtime import CachedValue, GraphRuntime
 from bd_compile.settings import Settings
 
-SCHEDULE_KEYS = ("interval", "window", "timesteps", "schedule", "forecast")
+SCHEDULE_KEYS = ("interval", "window", "timesteps", "branches", "schedule", "forecast")
 
 #: A model as users hold it: the ``torch.compile`` wrapper or the module itself.
 Model = torch.nn.Module | Any
@@ -43,8 +43,9 @@ def set_schedule(model: Model | None = None, **options: Any) -> None:
     """Change the schedule of a compiled model between generations, without recompiling.
 
     Takes the backend's schedule options (``interval``, ``window``, ``timesteps``,
-    ``schedule``, ``forecast``); the ones not given keep their current values (``timesteps`` and
-    ``schedule`` replace each other). Starts a new generation. The model must have been called
+    ``branches``, ``schedule``, ``forecast``); the ones not given keep their current values
+    (``timesteps`` and ``schedule`` replace each other; ``branches`` goes back to 1 with
+    ``timesteps`` unless given). Starts a new generation. The model must have been called
     once, so that Dynamo has handed its graphs to the backend.
     """
     bad = sorted(set(options) - set(SCHEDULE_KEYS))
@@ -56,6 +57,8 @@ def set_schedule(model: Model | None = None, **options: Any) -> None:
         options.setdefault("schedule", None)
     if "schedule" in options:
         options.setdefault("timesteps", None)
+    if "timesteps" in options:
+        options.setdefault("branches", 1)
     for state in _require(model):
         state.set_settings(state.settings.replace(**options))
 
@@ -74,7 +77,7 @@ def plan(timesteps: Sequence[float], **options: Any) -> list[bool]:
     if bad:
         raise ValueError(f"plan: unknown option(s) {bad}; expected a subset of {SCHEDULE_KEYS}")
     state = LoopState(Settings().replace(**options))
-    ks = state.key_state(None, explicit=True)
+    ks = KeyState(None, explicit=True)  # reads each timestep: the decisions per value
     return [state.advance(ks, "plan", float(t))[0].step_may_reuse for t in timesteps]
 
 
@@ -82,7 +85,7 @@ def generation(
     model: Model,
     key: Hashable = None,
     timesteps: Sequence[float] | torch.Tensor | None = None,
-    branches: int = 1,
+    branches: int | None = None,
 ) -> contextlib.AbstractContextManager[None]:
     """``with bd_compile.generation(model, key=..., timesteps=None):`` one explicit generation.
 
@@ -95,7 +98,9 @@ def generation(
 
     With ``timesteps`` the runtime counts steps on the host and never reads the timestep
     tensor (no device-to-host sync per call; Note [Counted steps]): ``branches`` is how many
-    times the loop calls the model per step (1 for batched CFG, 2 for sequential CFG).
+    times the loop calls the model per step (1 for batched CFG, 2 for sequential CFG; default 1).
+    Without ``timesteps``, a model compiled with the ``timesteps`` option counts that list's
+    steps here too (and its ``branches`` option, unless ``branches`` is given).
     """
     try:
         hash(key)
@@ -117,7 +122,9 @@ def generation(
                 f"numbers, got {timesteps!r}"
             )
         steps = tuple(float(v) for v in values)
-    if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
+    if branches is not None and (
+        isinstance(branches, bool) or not isinstance(branches, int) or branches < 1
+    ):
         raise ValueError(
             f"bd_compile.generation: expected branches as an int >= 1, got {branches!r}"
         )

@@ -193,6 +193,8 @@ class LoopState:
         """New schedule options (``set_schedule``); running generations end, nothing recompiles."""
         self.settings = settings
         self.restart()
+        with self._lock:  # automatic states take the new ``timesteps`` at their next call
+            self._keys = {k: ks for k, ks in self._keys.items() if ks.explicit}
 
     def belongs_to(self, model: object) -> bool:
         """Whether ``model`` (a ``torch.compile`` wrapper or the module it wraps) is this
@@ -201,15 +203,25 @@ class LoopState:
         return owner is not None and (owner is model or getattr(owner, "_orig_mod", None) is model)
 
     # -- keys and generations -------------------------------------------------------------------
-    def key_state(self, key: Hashable, explicit: bool = False) -> KeyState:
+    def key_state(self, key: Hashable) -> KeyState:
+        """The automatic state of ``key`` (no ``generation`` block): it counts steps when the
+        ``timesteps`` option is set."""
         with self._lock:
             ks = self._keys.get(key)
             if ks is None:
-                ks = self._keys[key] = KeyState(key, explicit)
+                s = self.settings
+                ks = self._keys[key] = KeyState(key, False, s.timesteps, s.branches)
             return ks
 
-    def open(self, key: Hashable, timesteps: Sequence[float] | None, branches: int = 1) -> KeyState:
-        """Start an explicit generation of ``key`` (``bd_compile.generation``)."""
+    def open(
+        self, key: Hashable, timesteps: Sequence[float] | None, branches: int | None = None
+    ) -> KeyState:
+        """Start an explicit generation of ``key`` (``bd_compile.generation``); without
+        ``timesteps`` it takes the ``timesteps`` option's (and ``branches``, unless given)."""
+        if timesteps is None and self.settings.timesteps is not None:
+            timesteps = self.settings.timesteps
+            branches = branches if branches is not None else self.settings.branches
+        branches = branches if branches is not None else 1
         with self._lock:
             previous = self._keys.get(key)
             ks = self._keys[key] = KeyState(key, True, timesteps, branches)
@@ -317,12 +329,18 @@ class LoopState:
     # rules out CUDA graphs). A graph's calls are counted instead: a call of a graph that has
     # already been called ``b`` times in this step starts the next step (``b`` = calls of the
     # model per step: 1 for batched CFG, 2 for sequential cond/uncond). Step ``i`` takes the
-    # paper's rule on ``ts`` and its progress from ``ts[i]``; calls past ``len(ts)`` steps compute.
+    # paper's rule on ``ts`` and its progress from ``ts[i]``. In a ``generation`` block, calls
+    # past ``len(ts)`` steps compute (with one warning); with the ``timesteps`` option (no block)
+    # the call after ``len(ts)`` steps starts the next generation: a loop that runs another
+    # number of steps must say so (``generation`` or ``set_schedule(timesteps=...)``), since
+    # nothing else on this path can tell where a generation ends.
     def _count(self, ks: KeyState, layout: LayoutKey) -> tuple[_Generation, int]:
         assert ks.timesteps is not None
         gen = ks.generation or self._begin(ks)
         if gen.step < 0 or gen.calls_at_step.get(layout, 0) >= ks.branches:
             ts = ks.timesteps
+            if gen.step + 1 >= len(ts) and not ks.explicit:
+                gen = self._begin(ks)
             i = gen.step + 1
             if i < len(ts):
                 gen.t0 = ts[0]
@@ -380,7 +398,7 @@ class _Open:
     owner: torch.nn.Module
     key: Hashable
     timesteps: tuple[float, ...] | None
-    branches: int
+    branches: int | None
     opened: dict[int, tuple[LoopState, KeyState]] = field(default_factory=dict)
 
 
@@ -391,7 +409,7 @@ _ACTIVE: contextvars.ContextVar[tuple[_Open, ...]] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def generation_of(
-    owner: torch.nn.Module, key: Hashable, timesteps: tuple[float, ...] | None, branches: int
+    owner: torch.nn.Module, key: Hashable, timesteps: tuple[float, ...] | None, branches: int | None
 ) -> Iterator[None]:
     """Calls of ``owner`` inside the block use the loop state of ``key``; leaving the block ends
     that generation on every loop state it was opened on."""

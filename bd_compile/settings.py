@@ -30,8 +30,12 @@ class Settings:
     interval: N of BlockDance-N; in the reuse window the first step of every group of N is a
         cache step and the other N-1 reuse the cache. ``1`` computes every step.
     window: (start, end) fractions of the denoising trajectory where reuse may happen.
-    timesteps: the sampler's exact timestep list; the paper's rule is then applied to it
-        exactly (a timestep outside the list computes).
+    timesteps: the sampler's model-facing timestep list; the paper's rule is then applied to
+        it exactly, and steps are counted on the host, never read from the timestep tensor (no
+        device-to-host sync per call, Note [Counted steps]): a generation is exactly
+        ``len(timesteps)`` steps of ``branches`` calls each.
+    branches: with ``timesteps``: how many times the loop calls the model per step (1 for
+        batched CFG, 2 for sequential cond/uncond).
     schedule: explicit bool mask indexed by integer timestep, ``True`` = reuse at that timestep.
     calibration: path of a calibration JSON written by ``bd_compile.analyze`` whose
         ``cache_block`` and ``window`` replace the defaults.
@@ -51,6 +55,7 @@ class Settings:
     interval: int = 2
     window: tuple[float, float] = (0.4, 0.95)
     timesteps: tuple[float, ...] | None = None
+    branches: int = 1
     schedule: torch.Tensor | None = field(default=None, compare=False)
     calibration: str | None = None
     inner: str = "inductor"
@@ -89,6 +94,12 @@ def validate(s: Settings) -> None:
         len(s.timesteps) == 0 or not all(isinstance(x, (int, float)) for x in s.timesteps)
     ):
         raise _fail("timesteps", "a non-empty sequence of numbers", s.timesteps)
+    if isinstance(s.branches, bool) or not isinstance(s.branches, int) or s.branches < 1:
+        raise _fail("branches", "an int >= 1 (model calls per step)", s.branches)
+    if s.branches != 1 and s.timesteps is None:
+        raise _fail(
+            "branches", "1 unless 'timesteps' is given (it counts calls per step)", s.branches
+        )
     if s.schedule is not None:
         if not isinstance(s.schedule, torch.Tensor) or s.schedule.dim() != 1:
             raise _fail("schedule", "a 1-d bool tensor indexed by timestep", s.schedule)

@@ -55,7 +55,9 @@ def test_sequential_cfg_keeps_one_cache_per_branch(name: str) -> None:
     case, steps, window = zoo.get(name), 10, (0.2, 0.95)
     plan = paper_plan(steps, window, 2)
     ts = model_timesteps(case, steps)
-    compiled = compile_bd(case, timesteps=ts, window=window, cache_block=cache_block(case))
+    compiled = compile_bd(
+        case, timesteps=ts, branches=2, window=window, cache_block=cache_block(case)
+    )
     got = zoo.run_loop(case, compiled, steps, cfg="sequential")
     ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "sequential")
     torch.testing.assert_close(got.latents, ref.latents, **TOL)
@@ -101,10 +103,12 @@ def test_set_schedule_keeps_the_options_it_is_not_given() -> None:
     bd_compile.set_schedule(compiled, interval=2)
     settings = bd_compile.stats(compiled).settings
     assert (settings.window, settings.interval) == ((0.1, 0.9), 2)
-    bd_compile.set_schedule(compiled, timesteps=[800.0, 600.0])
+    bd_compile.set_schedule(compiled, timesteps=[800.0, 600.0], branches=2)
+    assert bd_compile.stats(compiled).settings.branches == 2
     bd_compile.set_schedule(compiled, schedule=torch.ones(10, dtype=torch.bool))
     settings = bd_compile.stats(compiled).settings
     assert settings.timesteps is None  # timesteps and schedule replace each other
+    assert settings.branches == 1
 
 
 def test_calibration_for_another_block_count_falls_back(tmp_path: object) -> None:

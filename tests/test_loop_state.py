@@ -250,3 +250,56 @@ def test_counted_steps_never_read_the_timestep(
     assert bd_compile.stats(compiled).last.pattern == "".join("R" if r else "C" for r in plan)
     ref, _ = run_reference_loop(case, cache_block(case), plan, steps, cfg)
     torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+def _fail_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_read(arg: object) -> float:
+        raise AssertionError("the timestep tensor was read on the counted-steps path")
+
+    monkeypatch.setattr(bd_compile.runtime, "read_timestep", no_read)
+
+
+@pytest.mark.parametrize(("cfg", "branches"), [("sequential", 2), ("batched", 1)])
+def test_the_timesteps_option_counts_steps_generation_after_generation(
+    cfg: zoo.CfgMode, branches: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the ``timesteps`` option (no ``generation`` block) steps are counted too: a
+    generation is ``len(timesteps)`` steps of ``branches`` calls, and the next call starts the
+    next generation, which must not read the previous one's cache (its first step computes)."""
+    case, steps, window = zoo.get("pixart"), 8, (0.2, 0.95)
+    ts = model_timesteps(case, steps)
+    options = {**AOT, "window": window, "timesteps": ts, "branches": branches}
+    compiled = torch.compile(case.model, backend="blockdance", options=options)
+    _fail_on_read(monkeypatch)
+    first = zoo.run_loop(case, compiled, steps, cfg=cfg)
+    second = zoo.run_loop(case, compiled, steps, cfg=cfg, seed=1)
+    assert_reused()
+    plan = paper_plan(steps, window, 2)
+    expected = "".join("R" if r else "C" for r in plan)
+    gens = bd_compile.stats(compiled).generations
+    assert [g.pattern for g in gens] == [expected, expected]
+    for got, seed in ((first, 0), (second, 1)):
+        ref, _ = run_reference_loop(case, cache_block(case), plan, steps, cfg, seed=seed)
+        torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+def test_a_generation_block_takes_the_timesteps_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``generation(model, key)`` without ``timesteps`` counts the option's list and branches."""
+    case, steps, window = zoo.get("pixart"), 8, (0.2, 0.95)
+    ts = model_timesteps(case, steps)
+    options = {**AOT, "window": window, "timesteps": ts, "branches": 2}
+    compiled = torch.compile(case.model, backend="blockdance", options=options)
+    _fail_on_read(monkeypatch)
+    with bd_compile.generation(compiled, key="request"):
+        got = zoo.run_loop(case, compiled, steps, cfg="sequential")
+    plan = paper_plan(steps, window, 2)
+    assert bd_compile.stats(compiled).last.pattern == "".join("R" if r else "C" for r in plan)
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "sequential")
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+def test_branches_needs_timesteps() -> None:
+    with pytest.raises(ValueError, match="'branches'.*unless 'timesteps'.*got 2"):
+        bd_compile.Settings(branches=2)
+    with pytest.raises(ValueError, match="'branches'.*int >= 1.*got 0"):
+        bd_compile.Settings(timesteps=(999.0, 500.0), branches=0)
