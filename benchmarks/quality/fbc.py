@@ -14,7 +14,7 @@ import torch._dynamo
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
 
 from benchmarks.common import log
-from benchmarks.quality.plan import Method, Scenario, Setup
+from benchmarks.quality.plan import Method, Scenario, Setup, example_kwargs, num_classes
 from benchmarks.reference.sampling import sample
 
 if TYPE_CHECKING:
@@ -54,7 +54,15 @@ class FirstBlockCacheModel:
             flags.append(not head.state_manager.get_state().should_compute)
             return out
 
-        images = sample(denoise, scheduler, labels, steps, guidance, noise=noise)
+        images = sample(
+            denoise,
+            scheduler,
+            labels,
+            steps,
+            guidance,
+            noise=noise,
+            null_class=num_classes(self.model),
+        )
         pattern = "".join("R" if f else "C" for f in flags)
         return images, pattern.count("R"), len(flags), pattern
 
@@ -83,12 +91,10 @@ def fbc_graph_breaks(model: Any) -> str:
     hooked = FirstBlockCacheModel(model, threshold=0.1)
     fbc = hooked.model.cpu()
     _set_fbc_context(_fbc_head(hooked.registry).state_manager)
-    x = torch.randn(2, 1, 28, 28)
+    kwargs = example_kwargs(fbc)
     try:
         with torch.no_grad():
-            ex = torch._dynamo.explain(fbc)(
-                x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 10])
-            )
+            ex = torch._dynamo.explain(fbc)(**kwargs)
         reasons = sorted({str(b.reason).splitlines()[0][:120] for b in ex.break_reasons})
         return (
             f"torch._dynamo.explain: {ex.graph_count} graphs, {ex.graph_break_count} graph breaks "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ OTHER_SEED_OFFSET = 1_000_000
 GRID_SAMPLES = 10
 #: PSNR of identical images is infinite; per-sample values are capped here.
 PSNR_CAP_DB = 100.0
-FAMILIES = ("full", "blockdance", "calibrated", "deepcache", "steps", "fbc", "floor")
+FAMILIES = ("full", "blockdance", "forecast", "calibrated", "deepcache", "steps", "fbc", "floor")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class Method:
     flop_fraction: float = 0.0  # FLOP share of the blocks a reuse call skips
     matches: str = ""  # step reduction / FirstBlockCache: the settings it was matched to
     target_speedup: float | None = None
+    forecast: int = 0  # the backend's ``forecast`` option (0: the paper's copy)
 
     def flop_bound(self, calls: int, reuse: float) -> float:
         """Speedup if a reuse call cost exactly ``1 - flop_fraction`` of a full call; for step
@@ -92,6 +93,10 @@ class Setup:
     windows: tuple[tuple[float, float], ...]
     calibration: Calibration | None
     calibration_path: str | None = None
+    #: ``forecast`` orders run at ``intervals`` on the first window (default cache block)
+    forecasts: tuple[int, ...] = ()
+    #: intervals of the calibrated (deep cache block) method; forecasts run there too
+    calibrated_intervals: tuple[int, ...] = (2,)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def path(self, name: str, suffix: str) -> Path:
@@ -122,14 +127,62 @@ def load_model(path: Path, device: torch.device) -> tuple[Any, Any]:
         raise SystemExit(f"--model: {e}") from e
 
 
-def fixed_inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels ``i % 10`` and the initial noise of sample ``i`` drawn from seed ``seed + i``."""
-    labels = torch.arange(n) % 10
+@dataclass
+class Dataset:
+    """What the metrics need of a reference data set: its classifier (``features`` for FID,
+    logits for accuracy), train/held-out split, and the uint8 conversion of the sample grid."""
+
+    classifier: Any
+    split: Any
+    to_uint8: Callable[[torch.Tensor], Any]
+
+
+def load_dataset(name: str, classifier: Path, data: Path | None, device: torch.device) -> Dataset:
+    """``mnist`` (28x28 digits) or ``colour`` (32x32 RGB emoji, benchmarks/reference/colour)."""
+    if name == "mnist":
+        from benchmarks.reference.classifier import load_classifier
+        from benchmarks.reference.data import load_split, tensor_to_uint8
+
+        return Dataset(load_classifier(classifier, device), load_split(data), tensor_to_uint8)
+    if name == "colour":
+        from benchmarks.reference.colour import classifier as colour_classifier
+        from benchmarks.reference.colour import data as colour_data
+
+        return Dataset(
+            colour_classifier.load_classifier(classifier, device),
+            colour_data.load_colour_split(data),
+            colour_data.tensor_to_uint8,
+        )
+    raise ValueError(f"expected dataset 'mnist' or 'colour', got {name!r}")
+
+
+def image_shape(model: Any) -> tuple[int, int, int]:
+    """(channels, height, width) of the saved DiT's samples."""
+    c = model.config
+    return c.in_channels, c.sample_size, c.sample_size
+
+
+def num_classes(model: Any) -> int:
+    """The DiT's classes; its null class (guidance) is this number."""
+    return int(model.config.num_embeds_ada_norm)
+
+
+def example_kwargs(model: Any) -> dict[str, torch.Tensor]:
+    """One batched-CFG call at t = 500 (class 1 and the null class), on the model's device."""
+    device = next(model.parameters()).device
+    return {
+        "hidden_states": torch.randn(2, *image_shape(model), device=device),
+        "timestep": torch.tensor([500, 500], device=device),
+        "class_labels": torch.tensor([1, num_classes(model)], device=device),
+    }
+
+
+def fixed_inputs(n: int, seed: int, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels ``i % classes`` and the initial noise of sample ``i`` drawn from seed ``seed + i``."""
+    labels = torch.arange(n) % num_classes(model)
+    shape = image_shape(model)
     noise = torch.stack(
-        [
-            torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(seed + i))
-            for i in range(n)
-        ]
+        [torch.randn(*shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
     )
     return labels, noise
 
@@ -149,12 +202,7 @@ def planned_reuse(timesteps: Sequence[float], interval: int, window: tuple[float
 
 def flop_fractions(model: Any, calib: Calibration | None) -> Fractions:
     n = len(model.transformer_blocks)
-    device = next(model.parameters()).device
-    kwargs = {
-        "hidden_states": torch.randn(2, 1, 28, 28, device=device),
-        "timestep": torch.tensor([500, 500], device=device),
-        "class_labels": torch.tensor([1, 10], device=device),
-    }
+    kwargs = example_kwargs(model)
     paths = [f"transformer_blocks.{i}" for i in range(n)]
 
     def frac(lo: int, hi: int) -> float:
@@ -196,21 +244,43 @@ def plan_methods(
                     flop_fraction=fr.bd,
                 )
             )
+    window = setup.windows[0]
+    for f in setup.forecasts:
+        for n in setup.intervals:
+            cached.append(
+                Method(
+                    f"BlockDance+forecast {f} N={n} {fmt_window(window)}",
+                    "forecast",
+                    "bd",
+                    s,
+                    n,
+                    window,
+                    cb,
+                    planned_reuse=planned_reuse(timesteps, n, window),
+                    flop_fraction=fr.bd,
+                    forecast=f,
+                )
+            )
     if setup.calibration is not None and fr.calibrated is not None:
         c = setup.calibration
-        cached.append(
-            Method(
-                f"BlockDance calibrated (0-{c.cache_block}, {fmt_window(c.window)}, N=2)",
-                "calibrated",
-                "calibrated",
-                s,
-                2,
-                c.window,
-                c.cache_block,
-                planned_reuse=planned_reuse(timesteps, 2, c.window),
-                flop_fraction=fr.calibrated,
-            )
-        )
+        for f in (0, *setup.forecasts):
+            for n in setup.calibrated_intervals:
+                extra = f" +forecast {f}" if f else ""
+                cached.append(
+                    Method(
+                        f"BlockDance calibrated (0-{c.cache_block}, {fmt_window(c.window)}, "
+                        f"N={n}){extra}",
+                        "calibrated",
+                        "calibrated",
+                        s,
+                        n,
+                        c.window,
+                        c.cache_block,
+                        planned_reuse=planned_reuse(timesteps, n, c.window),
+                        flop_fraction=fr.calibrated,
+                        forecast=f,
+                    )
+                )
     dc_block = num_blocks // 2 - 1
     cached.append(
         Method(
@@ -231,6 +301,7 @@ def plan_methods(
         reduced = round(s / m.flop_bound(s, m.planned_reuse or 0))
         if 1 <= reduced < s:
             matched.setdefault(reduced, []).append(m)
+    matched.setdefault(s // 2, [])  # half the steps: the issue's reference point
     for reduced in sorted(matched, reverse=True):
         targets = matched[reduced]
         methods.append(
@@ -240,7 +311,7 @@ def plan_methods(
                 "plain",
                 reduced,
                 planned_reuse=0,
-                matches="; ".join(t.name for t in targets),
+                matches="; ".join(t.name for t in targets) or "half the steps",
                 target_speedup=s / reduced,
             )
         )

@@ -29,12 +29,13 @@ from benchmarks.quality.plan import (
     fixed_inputs,
     flop_fractions,
     fmt_window,
+    load_dataset,
     load_model,
     plan_methods,
     timesteps_of,
 )
-from benchmarks.reference.classifier import load_classifier, predict
-from benchmarks.reference.data import load_split, tensor_to_uint8
+from benchmarks.quality.report import REAL_FLOOR
+from benchmarks.reference.classifier import predict
 
 
 @dataclass
@@ -118,7 +119,7 @@ def quality_row(
         steps=m.steps,
         interval=m.interval,
         window=fmt_window(m.window)
-        if m.family in ("blockdance", "calibrated", "deepcache")
+        if m.family in ("blockdance", "forecast", "calibrated", "deepcache")
         else "",
         cache_block="" if m.cache_block is None else str(m.cache_block),
         threshold="" if m.threshold is None else f"{m.threshold:g}",
@@ -145,12 +146,12 @@ def run_quality(setup: Setup) -> None:
     t_start = time.perf_counter()
     model, train_sched = load_model(args.model, device)
     num_blocks = len(model.transformer_blocks)
-    clf = load_classifier(args.classifier, device)
-    split = load_split(args.data)
+    data = load_dataset(args.dataset, args.classifier, args.data, device)
+    clf, split = data.classifier, data.split
     train_feats = features(clf, split.train_images, device)
     n = args.samples
-    labels, noise = fixed_inputs(n, args.seed)
-    _, other_noise = fixed_inputs(n, args.seed + OTHER_SEED_OFFSET)
+    labels, noise = fixed_inputs(n, args.seed, model)
+    _, other_noise = fixed_inputs(n, args.seed + OTHER_SEED_OFFSET, model)
     batch = min(args.batch, n)
     log(
         f"[quality] machine: {machine()}; {n} samples (seeds {args.seed}..{args.seed + n - 1}), "
@@ -167,7 +168,7 @@ def run_quality(setup: Setup) -> None:
     grid_images: dict[str, np.ndarray] = {}
     chosen_fbc: dict[str, list[float]] = {}
 
-    # Floor: held-out real digits against the training digits (FID), and the classifier on them.
+    # Floor: held-out real images against the training images (FID), and the classifier on them.
     gen = torch.Generator().manual_seed(0)
     held = torch.randperm(split.held_out_images.shape[0], generator=gen)[: min(n, 500)]
     real, real_labels = split.held_out_images[held], split.held_out_labels[held]
@@ -229,7 +230,7 @@ def run_quality(setup: Setup) -> None:
                 seconds,
             )
             rows.append(row)
-            grid_images[f"{sc.name}|{m.name}"] = tensor_to_uint8(images[:GRID_SAMPLES])
+            grid_images[f"{sc.name}|{m.name}"] = data.to_uint8(images[:GRID_SAMPLES])
             log(
                 f"  -> SSIM {row.ssim:.4f} ± {row.ssim_se:.4f}, PSNR {row.psnr:.2f}, "
                 f"FID {row.fid:.3f}, accuracy {row.accuracy:.3f}, reuse {reuse:g}/{calls}, "
@@ -241,7 +242,7 @@ def run_quality(setup: Setup) -> None:
             QualityRow(
                 scenario=sc.name,
                 family="floor",
-                method="real held-out digits",
+                method=REAL_FLOOR,
                 steps=0,
                 interval=0,
                 window="",
@@ -271,8 +272,10 @@ def run_quality(setup: Setup) -> None:
         "machine": machine(),
         "command": command_line(),
         "model": str(args.model),
+        "dataset": args.dataset,
         "samples": n,
-        "seeds": f"{args.seed}..{args.seed + n - 1} (sample i: seed {args.seed} + i, label i % 10)",
+        "seeds": f"{args.seed}..{args.seed + n - 1} (sample i: seed {args.seed} + i, "
+        f"label i % {int(labels.max()) + 1})",
         "other_seeds": f"{args.seed + OTHER_SEED_OFFSET}..{args.seed + OTHER_SEED_OFFSET + n - 1}",
         "splits": args.splits,
         "batch": batch,

@@ -20,11 +20,16 @@ from typing import Any
 
 import numpy as np
 
+#: The name of the real-image floor row (older results: "real held-out digits").
+REAL_FLOOR = "real held-out images"
+#: The families that are BlockDance settings (copy, forecast, calibrated cache block).
+BLOCKDANCE = ("blockdance", "forecast", "calibrated")
 #: A difference counts as real when it exceeds this many combined standard errors.
 SIGNIFICANCE = 2.0
 MARKERS = {
     "full": ("*", "black"),
     "blockdance": ("o", "tab:blue"),
+    "forecast": ("v", "tab:orange"),
     "calibrated": ("P", "tab:cyan"),
     "deepcache": ("s", "tab:red"),
     "steps": ("^", "tab:green"),
@@ -33,6 +38,7 @@ MARKERS = {
 FAMILY_LABEL = {
     "full": "full",
     "blockdance": "BlockDance-N",
+    "forecast": "BlockDance-N + forecast",
     "calibrated": "BlockDance calibrated",
     "deepcache": "DeepCache-style",
     "steps": "fewer steps",
@@ -157,7 +163,7 @@ def dominance(
     """For every alternative (DeepCache-style, fewer steps, FirstBlockCache): the BlockDance
     setting (N-rule or calibrated) that is at least as fast and significantly better on
     ``metric`` (the best such one), or ``None``."""
-    bd = [e for e in entries if e.family in ("blockdance", "calibrated") and e.q]
+    bd = [e for e in entries if e.family in BLOCKDANCE and e.q]
     out = []
     for o in entries:
         if o.family not in ("deepcache", "steps", "fbc") or not o.q:
@@ -190,6 +196,69 @@ def _headline(verdicts: list[Verdict], label: str, basis: str) -> str:
     )
 
 
+def targets(entries: list[Entry], measured: bool) -> list[str]:
+    """The issue's two targets, met or not: (1) at half the block work (FLOP bound >= 2) some
+    BlockDance setting is closer to the full output (SSIM) than half the steps; (2) with
+    forecasting, N=4 is at least as close to full as the copy at N=2 (same window)."""
+    lines: list[str] = []
+    full = next((e for e in entries if e.family == "full" and e.q), None)
+    if full is None:
+        return lines
+    calls = int(full.get("steps"))
+    half = next(
+        (e for e in entries if e.family == "steps" and e.q and e.get("steps") == calls // 2), None
+    )
+    deep = [e for e in entries if e.family in BLOCKDANCE and e.q and e.bound >= 2.0]
+    if half is not None:
+        if not deep:
+            best = max(
+                (e for e in entries if e.family in BLOCKDANCE and e.q),
+                key=lambda e: e.bound,
+                default=None,
+            )
+            reach = f"; the most is {best.name} at {best.bound:.2f}x" if best else ""
+            lines.append(
+                f"**Target 1 (half the block work) NOT MET:** no BlockDance setting reaches a FLOP "
+                f"bound of 2x{reach}."
+            )
+        else:
+            best = max(deep, key=lambda e: e.get("ssim"))
+            verdict = _compare(best, half, "ssim", True)
+            met = best.get("ssim") > half.get("ssim")
+            lines.append(
+                f"**Target 1 (half the block work) {'MET' if met else 'NOT MET'}:** the closest "
+                f"BlockDance setting at FLOP bound >= 2x, {best.name} ({best.bound:.2f}x, "
+                f"{_fmt_speed(best, measured)}), has SSIM "
+                f"{_pm(best.get('ssim'), best.get('ssim_se'), 4)} against {half.name}'s "
+                f"{_pm(half.get('ssim'), half.get('ssim_se'), 4)} "
+                f"(BlockDance {verdict}); FID {best.get('fid'):.2f} vs {half.get('fid'):.2f}."
+            )
+    for e4 in [e for e in entries if e.family == "forecast" and e.q and e.get("interval") == 4]:
+        window = e4.q.get("window", "")
+        copy2 = next(
+            (
+                e
+                for e in entries
+                if e.family == "blockdance"
+                and e.q
+                and e.get("interval") == 2
+                and e.q.get("window", "") == window
+            ),
+            None,
+        )
+        if copy2 is None:
+            continue
+        met = e4.get("ssim") >= copy2.get("ssim")
+        lines.append(
+            f"**Target 2 ({e4.name} vs copy N=2) {'MET' if met else 'NOT MET'}:** SSIM "
+            f"{_pm(e4.get('ssim'), e4.get('ssim_se'), 4)} vs "
+            f"{_pm(copy2.get('ssim'), copy2.get('ssim_se'), 4)} "
+            f"({_compare(e4, copy2, 'ssim', True)}); FLOP bound {e4.bound:.2f}x vs "
+            f"{copy2.bound:.2f}x."
+        )
+    return lines
+
+
 def conclusions(scenario: str, entries: list[Entry], measured: bool) -> list[str]:
     """Plain sentences about one scenario, computed from its entries."""
     by_name = {e.name: e for e in entries}
@@ -218,7 +287,7 @@ def conclusions(scenario: str, entries: list[Entry], measured: bool) -> list[str
     for s in steps:
         for target in s.q["matches"].split("; "):
             b = by_name.get(target)
-            if b is None or b.family not in ("blockdance", "calibrated"):
+            if b is None or b.family not in BLOCKDANCE:
                 continue
             total += 1
             c_ssim = _compare(b, s, "ssim", True)
@@ -296,9 +365,11 @@ def conclusions(scenario: str, entries: list[Entry], measured: bool) -> list[str
             + f"; families on it: {', '.join(fams)}."
         )
 
+    lines += targets(entries, measured)
+
     # 5. Floors.
     other = by_name.get("full, other seeds")
-    real = by_name.get("real held-out digits")
+    real = by_name.get(REAL_FLOOR) or by_name.get("real held-out digits")
     full = by_name.get("full")
     if other is not None:
         below = [e.name for e in pts if e.get("ssim") <= other.get("ssim")]
@@ -313,7 +384,7 @@ def conclusions(scenario: str, entries: list[Entry], measured: bool) -> list[str
         )
     if real is not None and full is not None:
         lines.append(
-            f"FID of real held-out digits vs the training digits is {real.get('fid'):.2f} "
+            f"FID of real held-out images vs the training images is {real.get('fid'):.2f} "
             f"({int(real.get('samples'))} images); the full model's samples score "
             f"{full.get('fid'):.2f}, class accuracy {full.get('accuracy'):.3f} "
             f"(real held-out: {real.get('accuracy'):.3f})."
@@ -374,7 +445,7 @@ def pareto_plot(groups: dict[str, list[Entry]], measured: bool, path: Path) -> N
         for row, (metric, label) in enumerate(
             (
                 ("ssim", "SSIM vs full output (higher: closer)"),
-                ("fid", "FID vs training digits (lower: better)"),
+                ("fid", "FID vs training images (lower: better)"),
             )
         ):
             ax = axes[row][col]
@@ -412,7 +483,7 @@ def pareto_plot(groups: dict[str, list[Entry]], measured: bool, path: Path) -> N
                             textcoords="offset points",
                         )
             other = by_name.get("full, other seeds")
-            real = by_name.get("real held-out digits")
+            real = by_name.get(REAL_FLOOR) or by_name.get("real held-out digits")
             if metric == "ssim" and other is not None:
                 ax.axhline(
                     other.get("ssim"), ls="--", color="gray", lw=1, label="floor: full, other seed"
@@ -453,7 +524,7 @@ def grid_plot(samples: Any, groups: dict[str, list[Entry]], path: Path) -> None:
         return
     rows = max(len(n) for _, n in panels)
     cols = max(np.asarray(samples[f"{sc}|{names[0]}"]).shape[0] for sc, names in panels)
-    pad, cell = 2, 28 + 2
+    pad = 2
     # Size the figure to the canvas (0.3 inch per digit) plus room for the method names.
     fig, axes = plt.subplots(
         1,
@@ -463,8 +534,10 @@ def grid_plot(samples: Any, groups: dict[str, list[Entry]], path: Path) -> None:
     )
     for ax, (sc, names) in zip(axes[0], panels, strict=True):
         imgs = [np.asarray(samples[f"{sc}|{n}"]) for n in names]
-        h, w = imgs[0].shape[-2:]
-        canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 255, np.uint8)
+        h, w = imgs[0].shape[1:3]  # [N, H, W] grey or [N, H, W, 3] colour
+        cell = h + pad
+        extra = imgs[0].shape[3:]
+        canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, *extra), 255, np.uint8)
         for r, im in enumerate(imgs):
             for c in range(im.shape[0]):
                 top, left = pad + r * (h + pad), pad + c * (w + pad)

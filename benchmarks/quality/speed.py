@@ -64,7 +64,7 @@ def run_speed(setup: Setup) -> None:
     t_start = time.perf_counter()
     model, train_sched = load_model(args.model, cpu)
     num_blocks = len(model.transformer_blocks)
-    labels, noise = fixed_inputs(args.speed_batch, args.seed)
+    labels, noise = fixed_inputs(args.speed_batch, args.seed, model)
     fr = flop_fractions(model, setup.calibration)
     log(f"[speed] machine: {machine()}; batch {args.speed_batch}, {args.repeats} repeat(s)")
     engines = Engines(model, train_sched.config, "inductor", setup.calibration_path, "speed")
