@@ -10,14 +10,16 @@ about that of plain inductor), and the runtime picks per call:
     reuse step:  p = prefix(x);                     out = tail(x, p, cache)
 
 The cache write is the region graph's outputs, the cache read the tail graph's ``bd_cache_*``
-inputs. Each graph's inputs are described by an ``InputSpec`` the runtime gathers from.
+inputs. Each graph's inputs are described by its ``Part.plan``, which the runtime gathers by.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+import itertools
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
@@ -41,9 +43,34 @@ class Part:
     gm: fx.GraphModule
     plan: tuple[tuple[int, int], ...]
     example_inputs: tuple[Any, ...]
+    #: per pool-size tuple: an ``itemgetter`` over the pools laid end to end
+    _getters: dict[tuple[int, ...], Callable[[Sequence[Any]], tuple[Any, ...]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
-    def gather(self, *pools: Sequence[Any]) -> list[Any]:
-        return [pools[p][i] for p, i in self.plan]
+    def gather(self, *pools: Sequence[Any]) -> tuple[Any, ...]:
+        """The graph's inputs from the call's pools. Runs every call with hundreds of inputs
+        (the parameters), so one C-level ``itemgetter`` does it (a Python loop cost ~0.3 ms)."""
+        sizes = tuple(map(len, pools))
+        getter = self._getters.get(sizes)
+        if getter is None:
+            starts = (0, *itertools.accumulate(sizes[:-1]))
+            getter = self._getters[sizes] = _getter([starts[p] + i for p, i in self.plan])
+        joined = tuple(pools[0])
+        for pool in pools[1:]:
+            joined += tuple(pool)  # tuples are what the runtime passes: no copies but this one
+        return getter(joined)
+
+
+def _getter(indices: list[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``seq -> tuple(seq[i] for i in indices)`` (``itemgetter`` returns a bare item for one
+    index and cannot take none)."""
+    if not indices:
+        return lambda seq: ()
+    if len(indices) == 1:
+        j = indices[0]
+        return lambda seq: (seq[j],)
+    return operator.itemgetter(*indices)
 
 
 @dataclass(frozen=True)
