@@ -229,8 +229,8 @@ def targets(entries: list[Entry], measured: bool) -> list[str]:
                 f"**Target 1 (half the block work) {'MET' if met else 'NOT MET'}:** the closest "
                 f"BlockDance setting at FLOP bound >= 2x, {best.name} ({best.bound:.2f}x, "
                 f"{_fmt_speed(best, measured)}), has SSIM "
-                f"{_pm(best.get('ssim'), best.get('ssim_se'), 4)} against {half.name}'s "
-                f"{_pm(half.get('ssim'), half.get('ssim_se'), 4)} "
+                f"{_pm(best.get('ssim'), best.get('ssim_se'), 4)} against "
+                f"{_pm(half.get('ssim'), half.get('ssim_se'), 4)} for half the steps ({half.name}) "
                 f"(BlockDance {verdict}); FID {best.get('fid'):.2f} vs {half.get('fid'):.2f}."
             )
     for e4 in [e for e in entries if e.family == "forecast" and e.q and e.get("interval") == 4]:
