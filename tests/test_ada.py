@@ -358,3 +358,55 @@ def test_set_schedule_policy_does_not_recompile(tmp_path: Path) -> None:
     assert counters["stats"]["unique_graphs"] == 1
     with pytest.raises(ValueError, match="does not exist"):
         bd_compile.set_schedule(model, policy=str(tmp_path / "missing.safetensors"))
+
+
+# -- the training/evaluation engine agrees with the backend ---------------------------------------
+
+
+def test_rollout_engine_matches_backend(tmp_path: Path) -> None:
+    """benchmarks.ada.rollout (eager hooks, rows that reuse are not computed) gives the backend's
+    result for the same policy on the reference DiT: what training optimises is what ships."""
+    from bd_compile.sampling import denoise, load_reference, make_scheduler
+    from benchmarks.ada.rollout import Sampler
+
+    model, train_sched = load_reference()
+    blocks = len(model.transformer_blocks)
+    cb = bd_compile.default_cache_block(blocks)
+    steps, n = 20, 3
+    torch.manual_seed(5)
+    net = DecisionNet(128, 16, 8)
+    with torch.no_grad():
+        net.fc2.weight.mul_(40.0)  # decisions that differ between samples and bins
+    meta = PolicyMeta(blocks, cb, f"transformer_blocks.{cb} output", 128, (49, 128), 0.4, 16, 8)
+    path = tmp_path / "ref.safetensors"
+    save_policy(path, net, meta)
+    noise = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1, 4, 7])
+
+    sampler = Sampler(model, make_scheduler(train_sched.config, "ddim"), cb, steps, 3.0, 0.4)
+    pre = sampler.prefix(noise, labels)
+    policy = load_policy(path)
+    compute = policy.logits(pre.stats, pre.progress) > 0
+    k = sampler.decision_step
+    bins = sampler.bins(16)
+    want, _ = sampler.finish(pre, labels, lambda i: compute[:, bins[i - k - 1]])
+
+    compiled = torch.compile(
+        model, backend="blockdance", options={**bd_testing.AOT, "policy": str(path)}
+    )
+    y = torch.cat([labels, torch.full_like(labels, 10)])
+    counters.clear()
+    got = denoise(
+        compiled,
+        make_scheduler(train_sched.config, "ddim"),
+        lambda x, t: {"hidden_states": x, "timestep": t, "class_labels": y},
+        noise,
+        steps,
+        guidance_scale=3.0,
+    )
+    samples = bd_compile.stats(compiled).last.samples
+    assert len(set(samples)) > 1 and counters["blockdance"]["ada_mixed_calls"] > 0, samples
+    for s, pattern in enumerate(samples):
+        expect = "C" * (k + 1) + "".join("C" if compute[s, b] else "R" for b in bins)
+        assert pattern == expect
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", required=True, help="folder for the pool and checkpoints")
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget (this run)")
     ap.add_argument("--lam", type=float, default=2.0, help="lambda of R = C + lambda Q")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--entropy", type=float, default=0.01, help="bonus per bin (keeps exploring)")
     ap.add_argument("--states", type=int, default=8, help="pool entries per iteration")
     ap.add_argument("--draws", type=int, default=2, help="decision draws per pool entry")
     ap.add_argument("--pool", type=int, default=256)
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         adv = reward - base
         dist = torch.distributions.Bernoulli(logits=logits[:, used])
         logp = dist.log_prob(compute[:, used].float()).sum(1)
-        loss = -(adv.detach() * logp).mean()
+        loss = -(adv.detach() * logp).mean() - args.entropy * dist.entropy().sum(1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             "episodes_per_iteration": args.states * args.draws,
             "pool": args.pool,
             "lr": args.lr,
+            "entropy_bonus": args.entropy,
             "machine": machine(),
             "curve_last": curve[-1] if curve else {},
         },
