@@ -410,3 +410,19 @@ def test_rollout_engine_matches_backend(tmp_path: Path) -> None:
         expect = "C" * (k + 1) + "".join("C" if compute[s, b] else "R" for b in bins)
         assert pattern == expect
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_shipped_policies_fit_the_reference_model() -> None:
+    from bd_compile.sampling import load_reference
+
+    model, _ = load_reference()
+    shipped = sorted((Path(__file__).parents[1] / "benchmarks/reference/ada").glob("*.safetensors"))
+    assert shipped
+    compiled = torch.compile(
+        model, backend="blockdance", options={**bd_testing.AOT, "strict": True}
+    )
+    x = torch.randn(2, 1, 28, 28)
+    compiled(x, timestep=torch.tensor([999, 999]), class_labels=torch.tensor([1, 10]))
+    for path in shipped:
+        bd_compile.set_schedule(compiled, policy=str(path))  # strict: raises on a mismatch
+        assert bd_compile.runtimes_of(compiled)[0].state.ada is not None, path

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from bd_compile.ada import DecisionNet, PolicyMeta, save_policy, stats_features
+from bd_compile.ada import DecisionNet, PolicyMeta, load_policy, save_policy, stats_features
 from bd_compile.metrics import psnr
 from bd_compile.sampling import REFERENCE_MODEL, load_reference, make_scheduler
 from benchmarks.ada.rollout import Prefix, Sampler
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--cache-block", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", default=None, help="start from this policy's weights")
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--save-every", type=int, default=20)
     args = ap.parse_args(argv)
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     net = DecisionNet(width, args.bins, args.hidden)
     torch.nn.init.zeros_(net.fc2.weight)  # p = 0.5 everywhere at the start: explore
     torch.nn.init.zeros_(net.fc2.bias)
+    if args.init_from is not None:
+        net.load_state_dict(load_policy(args.init_from).net.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     curve: list[dict[str, float]] = []
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             "pool": args.pool,
             "lr": args.lr,
             "entropy_bonus": args.entropy,
+            "init_from": args.init_from,
             "machine": machine(),
             "curve_last": curve[-1] if curve else {},
         },
