@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -313,8 +312,3 @@ def _load(path: str, mtime: int, size: int) -> Policy:
             f"bins={meta.bins}, hidden={meta.hidden}) in {path!r}, got others: {e}"
         ) from None
     return Policy(meta, net, path)
-
-
-def shape_of(value: Any) -> Sequence[int]:
-    """The shape of a cached value, ``()`` for a number."""
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
