@@ -20,13 +20,17 @@ Note [BlockDance-Ada]
   takes its cached or its fresh value (``torch.where`` on a row mask); the cache keeps the rows
   that reused and takes the fresh rows. So every row sees exactly what it would see run alone.
 - Across context-parallel ranks (each holds a token shard) the pooled statistics are summed
-  with ``all_reduce`` before deciding, once per generation: the decision is then a function of
-  values every rank holds, and the ranks agree (Note [Decisions agree across ranks] in
-  ``tests/test_context_parallel.py``).
+  with ``all_reduce`` over diffusers' context-parallel group before deciding, once per
+  generation: the decision is then a function of values every rank holds, and the ranks agree
+  (Note [Decisions agree across ranks] in ``tests/test_context_parallel.py``). This is one
+  device-to-host copy of ``[samples, 2 * width + 1]`` per generation.
 - The policy file records the model it was trained for (block count, ``cache_block``, the
-  cached value's name and width); a graph whose layout differs runs the static schedule with
-  one warning (``strict``: ``ValueError``). The token count is not checked: pooling makes the
-  policy resolution-independent (whether it *transfers* is another matter).
+  cached value's name and width); if any graph of the model differs (a graph-break piece
+  included), the model runs the static schedule with one warning (``strict``: ``ValueError``).
+  The token count is not checked: pooling makes the policy resolution-independent (whether it
+  *transfers* is another matter).
+- Under CUDA graphs (``own_cache``) the fresh region output is cloned and mixed steps allocate
+  new tensors: the in-place cache buffers of Note [Caches under CUDA graphs] are not used.
 """
 
 from __future__ import annotations
@@ -164,18 +168,19 @@ def stats_features(stats: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, var.sqrt()], dim=1).to(torch.float32)
 
 
-def _sync_stats(stats: torch.Tensor, sync: bool) -> torch.Tensor:
-    """Sum the statistics over the default process group (context parallelism: token shards)."""
+def _sync_stats(stats: torch.Tensor, sync: bool, group: Any = None) -> torch.Tensor:
+    """Sum the statistics over ``group`` (the context-parallel group; ``None``: the default
+    group): each rank holds a token shard, the sums add up to the whole sequence's."""
     if not sync:
         return stats
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
         return stats
-    backend = str(dist.get_backend())
+    backend = str(dist.get_backend(group))
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
     buf = stats.to(device)
-    dist.all_reduce(buf)
+    dist.all_reduce(buf, group=group)
     return buf.cpu()
 
 
@@ -250,10 +255,17 @@ class Policy:
         return self.net(feats, p)  # type: ignore[no-any-return]
 
     def decide(
-        self, hidden: torch.Tensor, progress: float, step: int, policy_rows: str, sync: bool
+        self,
+        hidden: torch.Tensor,
+        progress: float,
+        step: int,
+        policy_rows: str,
+        sync: bool,
+        group: Any = None,
     ) -> Decision:
-        """Greedy per-sample decisions from the region output of the step at ``rho``."""
-        stats = _sync_stats(pooled_stats(hidden, policy_rows), sync)
+        """Greedy per-sample decisions from the region output of the step at ``rho``; with
+        ``sync`` the pooled statistics are summed over ``group`` first."""
+        stats = _sync_stats(pooled_stats(hidden, policy_rows), sync, group)
         compute = self.logits(stats, progress) > 0.0  # sigmoid(z) > 0.5
         patterns = [["C"] * (step + 1) for _ in range(compute.shape[0])]
         return Decision(compute, step, self.rho, policy_rows, patterns, last_step=step)

@@ -238,14 +238,20 @@ class LoopState:
             return
         self.ada = policy
 
-    def policy_sync(self) -> bool:
-        """Whether the policy's statistics are summed over the default process group."""
+    def policy_sync(self) -> tuple[bool, Any]:
+        """Whether the policy's statistics are summed across ranks, and over which process
+        group: diffusers' context-parallel group when the model has one (``"auto"`` syncs only
+        then), else the default group (``None``)."""
         mode = self.settings.policy_sync
-        if mode != "auto":
-            return mode == "always"
         owner = self._owner() if self._owner is not None else None
         module = getattr(owner, "_orig_mod", owner)
-        return getattr(module, "_parallel_config", None) is not None
+        config = getattr(module, "_parallel_config", None)
+        cp = getattr(config, "context_parallel_config", None)
+        mesh = getattr(cp, "_flattened_mesh", None)
+        group = mesh.get_group() if mesh is not None else None
+        if mode == "auto":
+            return cp is not None, group
+        return mode == "always", group
 
     def belongs_to(self, model: object) -> bool:
         """Whether ``model`` (a ``torch.compile`` wrapper or the module it wraps) is this

@@ -250,10 +250,9 @@ class GraphRuntime:
         state.store(gen, slot_key, Slot(cache, signature))
         if decision is None and gen.timed and gen.progress >= policy.rho and branch == 0:
             first = fresh[0]
-            s = state.settings
-            gen.ada = policy.decide(
-                first, gen.progress, gen.step, s.policy_rows, state.policy_sync()
-            )
+            sync, group = state.policy_sync()
+            rows = state.settings.policy_rows
+            gen.ada = policy.decide(first, gen.progress, gen.step, rows, sync, group)
             c["ada_decisions"] += 1
         state.record(gen, False)
         return cache

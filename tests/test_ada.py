@@ -290,14 +290,15 @@ def test_decision_agrees_across_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     for rank, shard in enumerate(shards):
         other = ada.pooled_stats(shards[1 - rank], "cfg")
 
-        def all_reduce(t: torch.Tensor, _other: torch.Tensor = other) -> None:
-            t.add_(_other)
+        def all_reduce(t: torch.Tensor, group: object = None, _o: torch.Tensor = other) -> None:
+            assert group == "cp-group"
+            t.add_(_o)
 
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-        monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
         monkeypatch.setattr(dist, "all_reduce", all_reduce)
-        got = policy.decide(shard, 0.5, 3, "cfg", sync=True).compute
+        got = policy.decide(shard, 0.5, 3, "cfg", sync=True, group="cp-group").compute
         torch.testing.assert_close(
             ada.stats_features(ada.pooled_stats(shard, "cfg") + other),
             ada.stats_features(ada.pooled_stats(h, "cfg")),
@@ -426,3 +427,21 @@ def test_shipped_policies_fit_the_reference_model() -> None:
     for path in shipped:
         bd_compile.set_schedule(compiled, policy=str(path))  # strict: raises on a mismatch
         assert bd_compile.runtimes_of(compiled)[0].state.ada is not None, path
+
+
+def test_policy_sync_uses_the_context_parallel_group() -> None:
+    """``policy_sync="auto"`` sums over diffusers' context-parallel group only when the model
+    has one (data parallelism across processes must not mix samples of different ranks)."""
+    from types import SimpleNamespace
+
+    from bd_compile.loop import LoopState
+
+    model = torch.nn.Linear(1, 1)
+    assert LoopState(bd_compile.Settings(), model).policy_sync() == (False, None)
+    assert LoopState(bd_compile.Settings(policy_sync="always"), model).policy_sync()[0]
+    mesh = SimpleNamespace(get_group=lambda: "cp-group")
+    cp = SimpleNamespace(_flattened_mesh=mesh)
+    model._parallel_config = SimpleNamespace(context_parallel_config=cp)  # type: ignore[assignment]
+    assert LoopState(bd_compile.Settings(), model).policy_sync() == (True, "cp-group")
+    never = LoopState(bd_compile.Settings(policy_sync="never"), model).policy_sync()
+    assert never[0] is False
