@@ -52,8 +52,9 @@ class Settings:
         ``i + rows / 2`` are one sample, diffusers' batched guidance ``[cond; uncond]``; an odd
         row count: one row per sample) or ``"each"`` (every row is a sample: no guidance, or
         sequential guidance).
-    policy_sync: ``"auto"`` (sum the policy's pooled statistics over the default process group
-        when the model has diffusers' context-parallel config), ``"always"`` or ``"never"``.
+    policy_sync: ``"auto"`` (sum the policy's pooled statistics over diffusers'
+        context-parallel group when the model has one), ``"always"`` (that group, else the
+        default group) or ``"never"``.
     """
 
     cache_block: int | None = None
