@@ -18,7 +18,12 @@ from bd_compile.loop import GenerationStats, KeyState, LoopState, generation_of,
 from bd_compile.runtime import CachedValue, GraphRuntime
 from bd_compile.settings import Settings
 
-SCHEDULE_KEYS = ("interval", "window", "timesteps", "branches", "schedule", "forecast")
+SCHEDULE_KEYS = (
+    "interval", "window", "timesteps", "branches", "schedule", "forecast", "policy", "policy_rows",
+)  # fmt: skip
+
+#: BlockDance-Ada's counters (shown by ``explain`` once one is non-zero)
+ADA_COUNTERS = ("ada_decisions", "ada_mixed_calls", "ada_row_steps_reused")
 
 #: A model as users hold it: the ``torch.compile`` wrapper or the module itself.
 Model = torch.nn.Module | Any
@@ -43,10 +48,14 @@ def set_schedule(model: Model | None = None, **options: Any) -> None:
     """Change the schedule of a compiled model between generations, without recompiling.
 
     Takes the backend's schedule options (``interval``, ``window``, ``timesteps``,
-    ``branches``, ``schedule``, ``forecast``); the ones not given keep their current values
-    (``timesteps`` and ``schedule`` replace each other; ``branches`` goes back to 1 with
-    ``timesteps`` unless given). Starts a new generation. The model must have been called
-    once, so that Dynamo has handed its graphs to the backend.
+    ``branches``, ``schedule``, ``forecast``, ``policy``, ``policy_rows``); the ones not given
+    keep their current values (``timesteps`` and ``schedule`` replace each other; ``branches``
+    goes back to 1 with ``timesteps`` unless given; ``schedule`` and ``forecast`` clear a
+    policy that is not given anew, ``policy`` clears a ``schedule``). A ``policy`` is loaded
+    and checked against the model's graphs here (``ValueError`` for a missing or corrupt file;
+    for another model's policy one warning and the static schedule, or ``ValueError`` under
+    ``strict``). Starts a new generation. The model must have been called once, so that Dynamo
+    has handed its graphs to the backend.
     """
     bad = sorted(set(options) - set(SCHEDULE_KEYS))
     if bad:
@@ -59,6 +68,10 @@ def set_schedule(model: Model | None = None, **options: Any) -> None:
         options.setdefault("timesteps", None)
     if "timesteps" in options:
         options.setdefault("branches", 1)
+    if options.get("schedule") is not None or options.get("forecast"):
+        options.setdefault("policy", None)
+    if options.get("policy") is not None:
+        options.setdefault("schedule", None)
     for state in _require(model):
         state.set_settings(state.settings.replace(**options))
 
@@ -241,8 +254,12 @@ class Explanation:
                 lines.append(
                     f"  last generation{key}: {g.steps} steps, {g.reuse_steps} reuse: {g.pattern}"
                 )
+                for i, p in enumerate(g.samples):
+                    lines.append(f"    sample {i}: {p.count('R')} reuse: {p}")
         counts = counters["blockdance"]
-        names = ("graphs_rewritten", "fallbacks", "cache_steps", "reuse_steps")
+        names: tuple[str, ...] = ("graphs_rewritten", "fallbacks", "cache_steps", "reuse_steps")
+        if any(counts[k] for k in ADA_COUNTERS):
+            names += ADA_COUNTERS
         lines.append("counters: " + ", ".join(f"{k}={counts[k]}" for k in names))
         return "\n".join(lines)
 

@@ -201,6 +201,8 @@ def compile_graph(
         except RegionError:
             return fn
     counters["blockdance"]["graphs_rewritten"] += 1
+    if s.policy is not None or state.ada is not None:
+        state.resolve_policy()  # the new graph must fit the policy too (Note [BlockDance-Ada])
     lay = runtime.layout
     log.info(
         "blockdance: %d blocks, caching 0..%d (%s), %d cached value(s); schedule: %s",

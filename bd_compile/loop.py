@@ -46,6 +46,7 @@ from bd_compile.schedule import Schedule, TimestepSchedule, progress, schedule_f
 from bd_compile.settings import Settings
 
 if TYPE_CHECKING:
+    from bd_compile.ada import Decision, Policy
     from bd_compile.runtime import GraphRuntime, TimestepReader
 
 #: A graph of a model that reports to its loop state.
@@ -85,6 +86,8 @@ class GenerationStats:
     reused_calls: int
     #: peak bytes the caches of this generation held
     cache_bytes: int
+    #: BlockDance-Ada: one pattern per sample (``C``/``R`` per step), empty without a policy
+    samples: tuple[str, ...] = ()
 
     @property
     def steps(self) -> int:
@@ -106,6 +109,7 @@ class _Generation:
     last_t: float | None = None
     direction: int = 0
     progress: float = 0.0  #: of the current step along the trajectory (``schedule.progress``)
+    timed: bool = False  #: whether the current step's timestep (and progress) is known
     step_may_reuse: bool = False
     calls_at_step: dict[LayoutKey, int] = field(default_factory=dict)
     slots: dict[tuple[LayoutKey, int], Slot] = field(default_factory=dict)
@@ -113,11 +117,14 @@ class _Generation:
     calls: int = 0
     reused_calls: int = 0
     peak_bytes: int = 0
+    #: BlockDance-Ada: the per-sample decisions, once made (Note [BlockDance-Ada])
+    ada: Decision | None = None
 
     def stats(self, key: Hashable) -> GenerationStats:
         pattern = "".join("R" if r else "C" for r in self.step_reused)
+        samples = tuple("".join(p) for p in self.ada.patterns) if self.ada is not None else ()
         return GenerationStats(
-            key, self.number, pattern, self.calls, self.reused_calls, self.peak_bytes
+            key, self.number, pattern, self.calls, self.reused_calls, self.peak_bytes, samples
         )
 
     def cache_bytes(self) -> int:
@@ -166,6 +173,9 @@ class LoopState:
         self.finished: deque[GenerationStats] = deque(maxlen=HISTORY)
         self._keys: dict[Hashable, KeyState] = {}
         self._lock = threading.Lock()
+        #: BlockDance-Ada: the policy driving this model, if ``settings.policy`` fits its graphs
+        self.ada: Policy | None = None
+        self._ada_warned: set[str] = set()
 
     # -- graphs -------------------------------------------------------------------------------
     def add(self, member: Member) -> None:
@@ -187,14 +197,63 @@ class LoopState:
         return any(r.timestep_index is not None for r in self.live())
 
     def describe(self) -> str:
+        if self.ada is not None:
+            m = self.ada.meta
+            return (
+                f"BlockDance-Ada policy {self.ada.path} ({m.model or 'no description'}): every "
+                f"step computes until {m.rho:.0%} of the trajectory, then per-sample decisions "
+                f"over {m.bins} progress bins"
+            )
         return schedule_for(self.settings).describe()
 
     def set_settings(self, settings: Settings) -> None:
-        """New schedule options (``set_schedule``); running generations end, nothing recompiles."""
+        """New schedule options (``set_schedule``); running generations end, nothing recompiles.
+        A policy is loaded and checked against the graphs first (``ValueError`` if unreadable)."""
+        self.resolve_policy(settings)
         self.settings = settings
         self.restart()
         with self._lock:  # automatic states take the new ``timesteps`` at their next call
             self._keys = {k: ks for k, ks in self._keys.items() if ks.explicit}
+
+    def resolve_policy(self, settings: Settings | None = None) -> None:
+        """Load ``settings.policy`` and check it against every graph of this model: ``self.ada``
+        is the policy if it fits them all, else ``None`` (the static schedule) with one warning,
+        or ``ValueError`` under ``strict``. Missing or corrupt files raise ``ValueError``."""
+        s = settings if settings is not None else self.settings
+        if s.policy is None:
+            self.ada = None
+            return
+        from bd_compile.ada import load_policy  # only when a policy is asked for
+
+        policy = load_policy(s.policy)
+        for r in self.graphs():
+            why = policy.mismatch(r.layout)
+            if why is None:
+                continue
+            msg = f"blockdance option 'policy': {s.policy} was trained for another model: {why}"
+            if s.strict:
+                raise ValueError(msg)
+            if s.policy not in self._ada_warned:
+                log.warning("%s; using the static schedule instead", msg)
+                self._ada_warned.add(s.policy)
+            self.ada = None
+            return
+        self.ada = policy
+
+    def policy_sync(self) -> tuple[bool, Any]:
+        """Whether the policy's statistics are summed across ranks, and over which process
+        group: diffusers' context-parallel group when the model has one (``"auto"`` syncs only
+        then), else the default group (``None``)."""
+        mode = self.settings.policy_sync
+        owner = self._owner() if self._owner is not None else None
+        module = getattr(owner, "_orig_mod", owner)
+        config = getattr(module, "_parallel_config", None)
+        cp = getattr(config, "context_parallel_config", None)
+        mesh = getattr(cp, "_flattened_mesh", None)
+        group = mesh.get_group() if mesh is not None else None
+        if mode == "auto":
+            return cp is not None, group
+        return mode == "always", group
 
     def belongs_to(self, model: object) -> bool:
         """Whether ``model`` (a ``torch.compile`` wrapper or the module it wraps) is this
@@ -369,8 +428,10 @@ class LoopState:
             gen.progress = progress(gen.t0, t, gen.direction)
             gen.step_may_reuse = gen.schedule.step(t, gen.progress)
             gen.last_t = t
+            gen.timed = True
         else:
             gen.step_may_reuse = False
+            gen.timed = False
 
     @staticmethod
     def record(gen: _Generation, reused: bool) -> None:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
-from bd_compile.loop import LoopState, Signature, Slot
+from bd_compile.loop import LoopState, Signature, Slot, _Generation
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +177,11 @@ class GraphRuntime:
         signature = self._signature(args)
         slot_key = (self.layout_key, branch)
         slot = gen.slots.get(slot_key)
-        reuse = gen.step_may_reuse and slot is not None and slot.signature == signature
         prefix = _as_tuple(self.prefix_fn(*self.prefix.gather(args))) if self.prefix_fn else ()
+        if state.ada is not None:
+            cache = self._adaptive(gen, branch, slot_key, slot, signature, args, prefix)
+            return self.tail_fn(*self.tail.gather(args, prefix, cache))
+        reuse = gen.step_may_reuse and slot is not None and slot.signature == signature
         order = state.settings.forecast
         if reuse:
             assert slot is not None
@@ -201,6 +205,73 @@ class GraphRuntime:
             state.store(gen, slot_key, Slot(cache, signature, history))
         state.record(gen, reuse)
         return self.tail_fn(*self.tail.gather(args, prefix, cache))
+
+    def _adaptive(
+        self,
+        gen: _Generation,
+        branch: int,
+        slot_key: tuple[Any, int],
+        slot: Slot | None,
+        signature: Signature,
+        args: Sequence[Any],
+        prefix: tuple[Any, ...],
+    ) -> tuple[Any, ...]:
+        """One call under a BlockDance-Ada policy (Note [BlockDance-Ada] in ``ada.py``): the
+        cached values the tail reads, computing the region unless every row reuses."""
+        state, policy = self.state, self.state.ada
+        assert policy is not None
+        decision = gen.ada
+        reuse_rows: torch.Tensor | None = None  # bool [rows]: rows that reuse at this step
+        later = decision is not None and gen.timed and gen.step > decision.step
+        if later and slot is not None and slot.signature == signature:
+            assert decision is not None
+            first = slot.values[0]
+            if isinstance(first, torch.Tensor) and first.dim() > 0:
+                reuse_rows = decision.reuse_rows(gen.progress, int(first.shape[0]))
+        if later:
+            assert decision is not None
+            decision.note_step(gen.step, reuse_rows)
+        c = counters["blockdance"]
+        if reuse_rows is not None and bool(reuse_rows.all()):
+            assert slot is not None
+            state.record(gen, True)
+            c["ada_row_steps_reused"] += int(reuse_rows.numel())
+            return slot.values
+        fresh = _as_tuple(self.region_fn(*self.region.gather(args, prefix)))
+        if self.own_cache:  # Note [Caches under CUDA graphs]: the next replay overwrites it
+            fresh = tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in fresh)
+        cache = fresh
+        if reuse_rows is not None and bool(reuse_rows.any()):
+            assert slot is not None
+            cache = _mix_rows(reuse_rows, slot.values, fresh)
+            c["ada_mixed_calls"] += 1
+            c["ada_row_steps_reused"] += int(reuse_rows.sum())
+        state.store(gen, slot_key, None)  # free the old cache before holding the new one
+        state.store(gen, slot_key, Slot(cache, signature))
+        if decision is None and gen.timed and gen.progress >= policy.rho and branch == 0:
+            first = fresh[0]
+            sync, group = state.policy_sync()
+            rows = state.settings.policy_rows
+            gen.ada = policy.decide(first, gen.progress, gen.step, rows, sync, group)
+            c["ada_decisions"] += 1
+        state.record(gen, False)
+        return cache
+
+
+def _mix_rows(
+    reuse_rows: torch.Tensor, old: tuple[Any, ...], fresh: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """Per row, the old (cached) value where ``reuse_rows`` else the fresh one; values without
+    the batch dim (numbers, batch-independent tensors) are taken fresh."""
+    rows = int(reuse_rows.shape[0])
+    out: list[Any] = []
+    for o, f in zip(old, fresh, strict=True):
+        if isinstance(f, torch.Tensor) and f.dim() > 0 and f.shape[0] == rows:
+            m = reuse_rows.to(f.device, non_blocking=True).view(rows, *([1] * (f.dim() - 1)))
+            out.append(torch.where(m, o, f))
+        else:
+            out.append(f)
+    return tuple(out)
 
 
 class TimestepReader:

@@ -49,6 +49,16 @@ class Settings:
     inner_options: for ``inner="inductor"``: ``{"mode": "max-autotune" | "reduce-overhead" |
         ...}`` and/or inductor config keys (``"triton.cudagraphs": True``), applied to the
         three graphs' compiles. Stored as sorted (key, value) pairs.
+    policy: path of a BlockDance-Ada policy file (``bd_compile.ada``): per-sample decisions
+        from the region output at progress ``rho`` replace the static schedule for the rest of
+        the generation (Note [BlockDance-Ada]). Not together with ``schedule`` or ``forecast``.
+    policy_rows: how batch rows form samples for the policy: ``"cfg"`` (rows ``i`` and
+        ``i + rows / 2`` are one sample, diffusers' batched guidance ``[cond; uncond]``; an odd
+        row count: one row per sample) or ``"each"`` (every row is a sample: no guidance, or
+        sequential guidance).
+    policy_sync: ``"auto"`` (sum the policy's pooled statistics over diffusers'
+        context-parallel group when the model has one), ``"always"`` (that group, else the
+        default group) or ``"never"``.
     """
 
     cache_block: int | None = None
@@ -63,6 +73,9 @@ class Settings:
     timestep_input: str | None = None
     forecast: int = 0
     inner_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+    policy: str | None = None
+    policy_rows: str = "cfg"
+    policy_sync: str = "auto"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -121,6 +134,25 @@ def validate(s: Settings) -> None:
         raise _fail("forecast", "0 (copy), 1 (linear) or 2 (quadratic)", s.forecast)
     if s.inner_options:
         inductor_config_patches(s)  # raises on unknown keys or modes
+    if s.policy is not None and (not isinstance(s.policy, str) or not s.policy):
+        raise _fail("policy", "a path (str) of a BlockDance-Ada policy file or None", s.policy)
+    if s.policy is not None and s.schedule is not None:
+        raise ValueError(
+            "blockdance options 'policy' and 'schedule': expected at most one, got both"
+        )
+    if s.policy is not None and s.forecast:
+        raise ValueError(
+            "blockdance options 'policy' and 'forecast': expected at most one, got both "
+            f"(forecast={s.forecast})"
+        )
+    if s.policy_rows not in POLICY_ROWS:
+        raise _fail("policy_rows", f"one of {list(POLICY_ROWS)}", s.policy_rows)
+    if s.policy_sync not in POLICY_SYNC:
+        raise _fail("policy_sync", f"one of {list(POLICY_SYNC)}", s.policy_sync)
+
+
+POLICY_ROWS = ("cfg", "each")
+POLICY_SYNC = ("auto", "always", "never")
 
 
 INNER_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -166,7 +198,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "schedule" and value is not None and not isinstance(value, torch.Tensor):
         if isinstance(value, Sequence) and not isinstance(value, str):
             return torch.tensor([bool(x) for x in value], dtype=torch.bool)
-    if key == "calibration" and value is not None and hasattr(value, "__fspath__"):
+    if key in ("calibration", "policy") and value is not None and hasattr(value, "__fspath__"):
         return str(value)
     if key == "inner_options":
         if value is None:

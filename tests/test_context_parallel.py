@@ -31,6 +31,10 @@ must then be agreed explicitly, from a value every rank holds:
   schedule mask, not once per step: a per-step collective on the host path adds a
   synchronisation to every call and, on GPU, a device-to-host copy;
 - the agreed schedule then drives all ranks exactly as today's timestep-derived one does.
+BlockDance-Ada (``bd_compile/ada.py``) is such a policy: each rank pools its shard's region
+output into per-sample *sums* (of h, h^2 and the token count), ``all_reduce``s them once per
+generation (``policy_sync``), and decides from the whole sequence's statistics, identical on
+every rank (``tests/test_ada.py::test_decision_agrees_across_ranks``, with a fake group).
 """
 
 from __future__ import annotations

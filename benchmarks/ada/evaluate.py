@@ -1,0 +1,250 @@
+"""BlockDance-Ada against the static schedule on the reference DiT: quality at matched block work,
+and measured speed through the backend.
+
+    python -m benchmarks.ada.evaluate --policy benchmarks/reference/ada-policy.safetensors \
+        --samples 200 --tag reference
+
+Quality: held-out seeds (never in the training pool), DDIM 50, CFG 3, the eager per-sample engine
+(``benchmarks.ada.rollout``, which equals the backend: ``tests/test_ada.py::
+test_rollout_engine_matches_backend``); every method starts from the same noise and the same
+steps up to the decision step. Per method: reuse steps per sample, the FLOP bound of that block
+work, SSIM / PSNR against the all-compute sample, class accuracy, FID against the 500 held-out
+digits (classifier features; biased upward at this sample count, compare between rows only).
+
+Speed: one model compiled with ``backend="blockdance"`` (inductor), switched between methods
+with ``set_schedule`` (no recompile), generations interleaved, median of ``--repeats``; at batch
+``--speed-batch`` samples (a mixed step computes the region for the whole batch) and batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import bd_compile
+from bd_compile.ada import load_policy
+from bd_compile.metrics import psnr, ssim
+from bd_compile.sampling import REFERENCE_MODEL, denoise, load_reference, make_scheduler
+from benchmarks.ada.rollout import Prefix, Sampler
+from benchmarks.common import log, machine, write_csv
+from benchmarks.fid import fid
+from benchmarks.reference.classifier import DEFAULT_PATH as CLASSIFIER
+from benchmarks.reference.classifier import load_classifier, predict
+from passes import default_cache_block
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+#: FLOP share of a reuse call the cached region (blocks 0..8 of 12) skips on the reference DiT
+#: (benchmarks/results/quality.md, torch.utils.flop_counter).
+REGION_SHARE = 0.748
+
+
+@dataclass
+class Row:
+    method: str
+    reuse_steps: float  #: per sample, mean
+    reuse_min: int
+    reuse_max: int
+    flop_bound: float
+    ssim: float
+    ssim_se: float
+    psnr: float
+    psnr_se: float
+    accuracy: float
+    fid: float
+    distinct_patterns: int
+    speed_batch: float = float("nan")  #: speedup vs full, measured, batch --speed-batch
+    speed_1: float = float("nan")  #: batch 1
+
+
+def _static(timesteps: list[float], n: int) -> list[bool]:
+    return bd_compile.plan(timesteps, interval=n, window=(0.4, 0.95))
+
+
+def quality(args: argparse.Namespace, policies: dict[str, str]) -> dict[str, dict[str, Any]]:
+    model, train_sched = load_reference(args.model)
+    model.requires_grad_(False)
+    cb = default_cache_block(len(model.transformer_blocks))
+    sampler = Sampler(model, make_scheduler(train_sched.config, "ddim"), cb, 50, 3.0, 0.4)
+    k = sampler.decision_step
+    plans = {f"static N={n}": _static(sampler.timesteps, n) for n in (2, 3, 4)}
+    for name, plan in plans.items():
+        assert not any(plan[: k + 1]), f"{name} reuses before the decision step"
+    loaded = {name: load_policy(p) for name, p in policies.items()}
+    finals: dict[str, list[torch.Tensor]] = {"full": []}
+    patterns: dict[str, list[str]] = {}
+    all_labels = []
+    for lo in range(0, args.samples, args.batch):
+        ids = list(range(lo, min(args.samples, lo + args.batch)))
+        gens = [torch.Generator().manual_seed(args.seed + i) for i in ids]
+        noise = torch.cat([torch.randn(1, 1, 28, 28, generator=g) for g in gens])
+        labels = torch.tensor([i % 10 for i in ids])
+        all_labels.append(labels)
+        pre: Prefix = sampler.prefix(noise, labels)
+        n = len(ids)
+        runs: dict[str, Callable[[int], torch.Tensor] | None] = {"full": None}
+        per_sample: dict[str, torch.Tensor] = {}  # [n, steps after k] compute
+        for name, plan in plans.items():
+            per_sample[name] = torch.tensor([[not r for r in plan[k + 1 :]]] * n)
+        for name, policy in loaded.items():
+            b = sampler.bins(policy.meta.bins)
+            compute = policy.logits(pre.stats, pre.progress) > 0
+            per_sample[name] = compute[:, torch.tensor(b)]
+        for name, comp in per_sample.items():
+            runs[name] = lambda i, _c=comp: _c[:, i - k - 1]
+            patterns.setdefault(name, []).extend(
+                "C" * (k + 1) + "".join("C" if c else "R" for c in row) for row in comp.tolist()
+            )
+        for name, fn in runs.items():
+            x, _ = sampler.finish(pre, labels, fn)
+            finals.setdefault(name, []).append(x.clamp(-1, 1))
+        log(f"quality: {ids[-1] + 1}/{args.samples} samples")
+    labels = torch.cat(all_labels)
+    out: dict[str, dict[str, Any]] = {}
+    for name, xs in finals.items():
+        out[name] = {
+            "images": torch.cat(xs),
+            "patterns": patterns.get(name, ["C" * 50] * len(labels)),
+        }
+    out["_labels"] = {"labels": labels}
+    return out
+
+
+def speed(args: argparse.Namespace, policies: dict[str, str], batch: int) -> dict[str, float]:
+    """Median generation time per method through the backend (inductor), interleaved."""
+    model, train_sched = load_reference(args.model)
+    compiled = torch.compile(
+        model, backend="blockdance", options={"interval": 1, "inner": args.inner}
+    )
+    labels = torch.arange(batch) % 10
+    y = torch.cat([labels, torch.full_like(labels, 10)])
+    noise = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+
+    def generate() -> None:
+        denoise(
+            compiled,
+            make_scheduler(train_sched.config, "ddim"),
+            lambda x, t: {"hidden_states": x, "timestep": t, "class_labels": y},
+            noise,
+            50,
+            guidance_scale=3.0,
+        )
+
+    settings: dict[str, dict[str, Any]] = {"full": {"interval": 1}}
+    for n in (2, 3, 4):
+        settings[f"static N={n}"] = {"interval": n, "window": (0.4, 0.95)}
+    for name, path in policies.items():
+        settings[name] = {"policy": path}
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    generate()  # compile
+    for r in range(args.repeats + 1):
+        for name, opts in settings.items():
+            bd_compile.set_schedule(model, **{"policy": None, "interval": 1, **opts})
+            t0 = time.perf_counter()
+            generate()
+            if r:  # the first round warms every schedule
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    log(f"speed at batch {batch}: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()))
+    return {name: med["full"] / v for name, v in med.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(REFERENCE_MODEL))
+    ap.add_argument("--policy", action="append", default=[], help="NAME=PATH or PATH")
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=100_000, help="first seed (held out)")
+    ap.add_argument("--speed-batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--inner", default="inductor")
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--tag", default="reference")
+    args = ap.parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    torch.set_num_threads(1)
+    policies: dict[str, str] = {}
+    for p in args.policy:
+        name, _, path = p.rpartition("=")
+        policies[name or f"Ada {Path(path).stem}"] = path
+    t0 = time.time()
+    res = quality(args, policies)
+    labels = res.pop("_labels")["labels"]
+    classifier = load_classifier(CLASSIFIER)
+    from benchmarks.reference.data import load_split
+
+    held_out = load_split().held_out_images
+    full = res["full"]["images"]
+    rows: dict[str, Row] = {}
+    for name, r in res.items():
+        img = r["images"]
+        reuse = torch.tensor([p.count("R") for p in r["patterns"]], dtype=torch.float64)
+        s = ssim(img, full)
+        d = psnr(img, full).clamp(max=100.0)
+        rows[name] = Row(
+            method=name,
+            reuse_steps=float(reuse.mean()),
+            reuse_min=int(reuse.min()),
+            reuse_max=int(reuse.max()),
+            flop_bound=50 / (50 - float(reuse.mean()) * REGION_SHARE),
+            ssim=float(s.mean()),
+            ssim_se=float(s.std() / len(s) ** 0.5),
+            psnr=float(d.mean()),
+            psnr_se=float(d.std() / len(d) ** 0.5),
+            accuracy=float((predict(classifier, img) == labels).float().mean()),
+            fid=fid(img, held_out, classifier.features),
+            distinct_patterns=len(set(r["patterns"])),
+        )
+    quality_s = time.time() - t0
+    speed_note = "not measured (--no-speed)"
+    if not args.no_speed:
+        t1 = time.time()
+        for batch, attr in ((args.speed_batch, "speed_batch"), (1, "speed_1")):
+            for name, v in speed(args, policies, batch).items():
+                setattr(rows[name], attr, v)
+        speed_note = (
+            f"inner {args.inner}, one compiled model switched with set_schedule, median of "
+            f"{args.repeats} interleaved generations per method, {time.time() - t1:.0f} s"
+        )
+    out = RESULTS / f"ada-{args.tag}.md"
+    write_csv(out.with_suffix(".csv"), list(rows.values()))
+    lines = [
+        f"# BlockDance-Ada vs static BlockDance-N on the reference DiT ({args.tag})",
+        "",
+        f"Generated by `python -m benchmarks.ada.evaluate {command}`",
+        "",
+        f"- Machine: {machine()}.",
+        f"- Quality: {args.samples} samples, seeds {args.seed}..{args.seed + args.samples - 1} "
+        f"(held out from training), labels i % 10, DDIM 50, CFG 3, cache_block 8 (blocks 0-8 "
+        f"of 12), static window 40%-95%, Ada rho 0.4; {quality_s:.0f} s.",
+        f"- Speed: {speed_note}; speedup vs the same compiled model computing every step.",
+        f"- FLOP bound: 50 / (50 - reuse x {REGION_SHARE}) (region's FLOP share).",
+        "",
+        "| method | reuse steps / 50 (min-max) | FLOP bound | speed batch "
+        f"{args.speed_batch} | speed batch 1 | SSIM vs full | PSNR dB | accuracy | FID | "
+        "distinct patterns |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows.values():
+        lines.append(
+            f"| {r.method} | {r.reuse_steps:.1f} ({r.reuse_min}-{r.reuse_max}) | "
+            f"{r.flop_bound:.2f}x | {r.speed_batch:.2f}x | {r.speed_1:.2f}x | "
+            f"{r.ssim:.4f} ± {r.ssim_se:.4f} | {r.psnr:.2f} ± {r.psnr_se:.2f} | "
+            f"{r.accuracy:.3f} | {r.fid:.2f} | {r.distinct_patterns} |"
+        )
+    out.write_text("\n".join(lines) + "\n")
+    log("\n".join(lines))
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
