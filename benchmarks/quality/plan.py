@@ -229,38 +229,23 @@ def plan_methods(
     cb = default_cache_block(num_blocks)
     methods = [Method("full", "full", "plain", s, planned_reuse=0)]
     cached: list[Method] = []
-    for window in setup.windows:
-        for n in setup.intervals:
-            cached.append(
-                Method(
-                    f"BlockDance N={n} {fmt_window(window)}",
-                    "blockdance",
-                    "bd",
-                    s,
-                    n,
-                    window,
-                    cb,
-                    planned_reuse=planned_reuse(timesteps, n, window),
-                    flop_fraction=fr.bd,
+    for f in (0, *setup.forecasts):  # the copy at every window, forecasts at the first
+        for window in setup.windows if f == 0 else setup.windows[:1]:
+            for n in setup.intervals:
+                cached.append(
+                    Method(
+                        f"BlockDance{f'+forecast {f}' if f else ''} N={n} {fmt_window(window)}",
+                        "forecast" if f else "blockdance",
+                        "bd",
+                        s,
+                        n,
+                        window,
+                        cb,
+                        planned_reuse=planned_reuse(timesteps, n, window),
+                        flop_fraction=fr.bd,
+                        forecast=f,
+                    )
                 )
-            )
-    window = setup.windows[0]
-    for f in setup.forecasts:
-        for n in setup.intervals:
-            cached.append(
-                Method(
-                    f"BlockDance+forecast {f} N={n} {fmt_window(window)}",
-                    "forecast",
-                    "bd",
-                    s,
-                    n,
-                    window,
-                    cb,
-                    planned_reuse=planned_reuse(timesteps, n, window),
-                    flop_fraction=fr.bd,
-                    forecast=f,
-                )
-            )
     if setup.calibration is not None and fr.calibrated is not None:
         c = setup.calibration
         for f in (0, *setup.forecasts):
