@@ -214,11 +214,11 @@ class Decision:
         if step <= self.last_step:
             return
         self.last_step = step
+        index = None
+        if reuse_rows is not None:
+            _, index = sample_rows(int(reuse_rows.shape[0]), self.policy_rows)
         for s, pattern in enumerate(self.patterns):
-            reused = False
-            if reuse_rows is not None:
-                _, index = sample_rows(int(reuse_rows.shape[0]), self.policy_rows)
-                reused = bool(reuse_rows[index == s].all())
+            reused = reuse_rows is not None and bool(reuse_rows[index == s].all())
             pattern.append("R" if reused else "C")
 
 

@@ -72,6 +72,11 @@ class Layout:
         )
 
 
+def _cloned(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Tensors copied (a CUDA-graph replay overwrites its outputs), other values as they are."""
+    return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values)
+
+
 def _as_tuple(out: Any) -> tuple[Any, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
@@ -143,7 +148,7 @@ class GraphRuntime:
                 if isinstance(buf, torch.Tensor):
                     buf.copy_(v)
             return old.values
-        return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values)
+        return _cloned(values)
 
     def _forecast(self, slot: Slot, x: float, order: int) -> tuple[Any, ...]:
         """The cached values extrapolated to progress ``x`` (Note [Forecast reuse])."""
@@ -200,7 +205,7 @@ class GraphRuntime:
             state.store(gen, slot_key, None)
             cache = _as_tuple(self.region_fn(*self.region.gather(args, prefix)))
             if self.own_cache:
-                cache = tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in cache)
+                cache = _cloned(cache)
             history = (*kept, (gen.progress, cache)) if order else ()
             state.store(gen, slot_key, Slot(cache, signature, history))
         state.record(gen, reuse)
@@ -239,7 +244,7 @@ class GraphRuntime:
             return slot.values
         fresh = _as_tuple(self.region_fn(*self.region.gather(args, prefix)))
         if self.own_cache:  # Note [Caches under CUDA graphs]: the next replay overwrites it
-            fresh = tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in fresh)
+            fresh = _cloned(fresh)
         cache = fresh
         if reuse_rows is not None and bool(reuse_rows.any()):
             assert slot is not None
