@@ -37,6 +37,7 @@ from bd_compile.sampling import REFERENCE_MODEL, denoise, load_reference, make_s
 from benchmarks.ada.rollout import Prefix, Sampler
 from benchmarks.common import log, machine, write_csv
 from benchmarks.fid import fid
+from benchmarks.quality.plan import seeded_inputs
 from benchmarks.reference.classifier import DEFAULT_PATH as CLASSIFIER
 from benchmarks.reference.classifier import load_classifier, predict
 from passes import default_cache_block
@@ -84,9 +85,7 @@ def quality(args: argparse.Namespace, policies: dict[str, str]) -> dict[str, dic
     all_labels = []
     for lo in range(0, args.samples, args.batch):
         ids = list(range(lo, min(args.samples, lo + args.batch)))
-        gens = [torch.Generator().manual_seed(args.seed + i) for i in ids]
-        noise = torch.cat([torch.randn(1, 1, 28, 28, generator=g) for g in gens])
-        labels = torch.tensor([i % 10 for i in ids])
+        labels, noise = seeded_inputs(ids, args.seed, model)
         all_labels.append(labels)
         pre: Prefix = sampler.prefix(noise, labels)
         n = len(ids)

@@ -21,6 +21,7 @@ from bd_compile.metrics import psnr
 from bd_compile.sampling import REFERENCE_MODEL, load_reference, make_scheduler
 from benchmarks.ada.rollout import Sampler
 from benchmarks.common import log
+from benchmarks.quality.plan import seeded_inputs
 from passes import default_cache_block
 
 
@@ -43,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     db: dict[int, list[torch.Tensor]] = {n: [] for n in plans}
     for lo in range(0, args.samples, args.batch):
         ids = list(range(lo, min(args.samples, lo + args.batch)))
-        gens = [torch.Generator().manual_seed(args.seed + i) for i in ids]
-        noise = torch.cat([torch.randn(1, 1, 28, 28, generator=g) for g in gens])
-        labels = torch.tensor([i % 10 for i in ids])
+        labels, noise = seeded_inputs(ids, args.seed, model)
         pre = sampler.prefix(noise, labels)
         full, _ = sampler.finish(pre, labels)
         for n, plan in plans.items():

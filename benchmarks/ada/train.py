@@ -42,6 +42,7 @@ from bd_compile.metrics import psnr
 from bd_compile.sampling import REFERENCE_MODEL, load_reference, make_scheduler
 from benchmarks.ada.rollout import Prefix, Sampler
 from benchmarks.common import log, machine
+from benchmarks.quality.plan import seeded_inputs
 from benchmarks.reference.classifier import DEFAULT_PATH as CLASSIFIER
 from benchmarks.reference.classifier import load_classifier
 from passes import default_cache_block
@@ -67,9 +68,7 @@ def build_pool(sampler: Sampler, n: int, seed: int, chunk: int) -> dict[str, tor
     xs, caches, stats, fulls, labels = [], [], [], [], []
     for lo in range(0, n, chunk):
         ids = range(lo, min(n, lo + chunk))
-        gens = [torch.Generator().manual_seed(seed + i) for i in ids]
-        noise = torch.cat([torch.randn(1, 1, 28, 28, generator=g) for g in gens])
-        y = torch.tensor([i % 10 for i in ids])
+        y, noise = seeded_inputs(ids, seed, sampler.model)
         pre = sampler.prefix(noise, y)
         full, _ = sampler.finish(pre, y)
         c = pre.cache.reshape(2, len(ids), *pre.cache.shape[1:]).transpose(0, 1)

@@ -21,6 +21,7 @@ from bd_compile import default_cache_block
 from bd_compile.analysis.calibration import Calibration
 from bd_compile.sampling import load_reference, make_scheduler
 from benchmarks.common import flop_bound_speedup, region_flop_fraction
+from benchmarks.reference import load_dataset_classifier
 
 #: Seed offset of the "different seed" floor: sample i uses seed + OTHER_SEED_OFFSET + i.
 OTHER_SEED_OFFSET = 1_000_000
@@ -139,21 +140,14 @@ class Dataset:
 
 def load_dataset(name: str, classifier: Path, data: Path | None, device: torch.device) -> Dataset:
     """``mnist`` (28x28 digits) or ``colour`` (32x32 RGB emoji, benchmarks/reference/colour)."""
+    clf = load_dataset_classifier(name, classifier, device)  # raises for another name
     if name == "mnist":
-        from benchmarks.reference.classifier import load_classifier
         from benchmarks.reference.data import load_split, tensor_to_uint8
 
-        return Dataset(load_classifier(classifier, device), load_split(data), tensor_to_uint8)
-    if name == "colour":
-        from benchmarks.reference.colour import classifier as colour_classifier
-        from benchmarks.reference.colour import data as colour_data
+        return Dataset(clf, load_split(data), tensor_to_uint8)
+    from benchmarks.reference.colour import data as colour_data
 
-        return Dataset(
-            colour_classifier.load_classifier(classifier, device),
-            colour_data.load_colour_split(data),
-            colour_data.tensor_to_uint8,
-        )
-    raise ValueError(f"expected dataset 'mnist' or 'colour', got {name!r}")
+    return Dataset(clf, colour_data.load_colour_split(data), colour_data.tensor_to_uint8)
 
 
 def image_shape(model: Any) -> tuple[int, int, int]:
@@ -177,14 +171,20 @@ def example_kwargs(model: Any) -> dict[str, torch.Tensor]:
     }
 
 
-def fixed_inputs(n: int, seed: int, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels ``i % classes`` and the initial noise of sample ``i`` drawn from seed ``seed + i``."""
-    labels = torch.arange(n) % num_classes(model)
+def seeded_inputs(ids: Sequence[int], seed: int, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each sample index ``i``: label ``i % classes`` and initial noise drawn from seed
+    ``seed + i`` (so a sample's noise does not depend on how samples are batched)."""
+    labels = torch.tensor([i % num_classes(model) for i in ids], dtype=torch.int64)
     shape = image_shape(model)
     noise = torch.stack(
-        [torch.randn(*shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
+        [torch.randn(*shape, generator=torch.Generator().manual_seed(seed + i)) for i in ids]
     )
     return labels, noise
+
+
+def fixed_inputs(n: int, seed: int, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``0..n-1`` of :func:`seeded_inputs`."""
+    return seeded_inputs(range(n), seed, model)
 
 
 def timesteps_of(train_config: Any, sc: Scenario, steps: int) -> list[float]:

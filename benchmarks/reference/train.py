@@ -389,16 +389,10 @@ def _evaluate_samples(
         return {}
     split = data.split
     from benchmarks.fid import fid
+    from benchmarks.reference import load_dataset_classifier
     from benchmarks.reference.classifier import predict
 
-    if cfg.dataset == "colour":
-        from benchmarks.reference.colour.classifier import load_classifier as load_colour_clf
-
-        clf: Any = load_colour_clf(cfg.classifier, device)
-    else:
-        from benchmarks.reference.classifier import load_classifier
-
-        clf = load_classifier(cfg.classifier, device)
+    clf = load_dataset_classifier(cfg.dataset, cfg.classifier, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     labels = torch.arange(eval_samples, device=device) % data.num_classes
     images = torch.cat(
@@ -441,12 +435,7 @@ def _load_init(model: DiTTransformer2DModel, cfg: TrainConfig) -> int:
 
     folder = Path(cast(Path, cfg.init_from))
     config = json.loads((folder / "config.json").read_text())
-    want = {
-        "num_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "attention_head_dim": cfg.attention_head_dim,
-        "patch_size": cfg.patch_size,
-    }
+    want = {k: getattr(cfg, k) for k in _MODEL_KEYS}
     got = {k: config.get(k) for k in want}
     if got != want:
         raise ValueError(f"expected --init-from {folder} to hold a model with {want}, got {got}")
