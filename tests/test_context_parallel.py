@@ -34,7 +34,8 @@ must then be agreed explicitly, from a value every rank holds:
 BlockDance-Ada (``bd_compile/ada.py``) is such a policy: each rank pools its shard's region
 output into per-sample *sums* (of h, h^2 and the token count), ``all_reduce``s them once per
 generation (``policy_sync``), and decides from the whole sequence's statistics, identical on
-every rank (``tests/test_ada.py::test_decision_agrees_across_ranks``, with a fake group).
+every rank (``tests/test_ada.py::test_decision_agrees_across_ranks``, with a fake group; here
+end to end on 2 processes: ``test_context_parallel_policy_agrees_across_ranks``).
 """
 
 from __future__ import annotations
@@ -152,16 +153,32 @@ class RunResult:
     counters: dict[str, int]
     graphs: list[GraphRecord]
     region: GraphRecord
+    samples: tuple[str, ...] = ()
+    """BlockDance-Ada: the per-sample C/R patterns of the generation."""
+    decisions: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """BlockDance-Ada: (decision made, decision this rank's own shard alone would give)."""
 
 
-def run_blockdance(case: zoo.ZooCase) -> RunResult:
-    """Compile ``case.model`` with the blockdance backend and run the loop, keeping every output."""
+def run_blockdance(case: zoo.ZooCase, options: dict[str, Any] = OPTIONS) -> RunResult:
+    """Compile ``case.model`` with the blockdance backend and run the loop, keeping every output
+    (and, with a ``policy``, each decision next to the one the rank's own shard would give)."""
+    import bd_compile
+    from bd_compile import ada
+
     _register_recorder()
     torch._dynamo.reset()
     counters.clear()
     RECORDER.graphs.clear()
-    compiled = torch.compile(case.model, backend="blockdance", options=OPTIONS)
+    compiled = torch.compile(case.model, backend="blockdance", options=options)
     outputs: list[torch.Tensor] = []
+    decisions: list[tuple[torch.Tensor, torch.Tensor]] = []
+    decide = ada.Policy.decide
+
+    def recording_decide(self: ada.Policy, hidden: torch.Tensor, *args: Any) -> ada.Decision:
+        made = decide(self, hidden, *args)
+        alone = decide(self, hidden, *args[:3], False)  # no sync: this shard's statistics only
+        decisions.append((made.compute.clone(), alone.compute.clone()))
+        return made
 
     def call(**kwargs: Any) -> torch.Tensor:
         # return_dict=False: diffusers' context-parallel output hook gathers tensors or tuples.
@@ -169,9 +186,20 @@ def run_blockdance(case: zoo.ZooCase) -> RunResult:
         outputs.append(out.detach().clone())
         return out
 
-    zoo.run_loop(case, call, STEPS, cfg="none", seed=SEED)
+    ada.Policy.decide = recording_decide  # type: ignore[method-assign]
+    try:
+        zoo.run_loop(case, call, STEPS, cfg="none", seed=SEED)
+    finally:
+        ada.Policy.decide = decide  # type: ignore[method-assign]
     stats = {k: int(counters["blockdance"][k]) for k in COUNTERS}
-    return RunResult(outputs, stats, list(RECORDER.graphs), RECORDER.region(stats["cache_steps"]))
+    return RunResult(
+        outputs,
+        stats,
+        list(RECORDER.graphs),
+        RECORDER.region(stats["cache_steps"]),
+        bd_compile.stats(compiled).last.samples,
+        decisions,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +246,7 @@ def _cpu_ring_lse_workaround() -> None:
     attention_dispatch._native_attention_forward_op = forward_op
 
 
-def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
+def _worker(rank: int, port: int, mode: str, out_dir: str, options: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -241,7 +269,7 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
         )
         case = zoo.make_flux(SEED)
         cast(ModelMixin, case.model).enable_parallelism(config=config)
-        result = run_blockdance(case)
+        result = run_blockdance(case, options)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -263,10 +291,10 @@ def _port_taken(error: BaseException) -> bool:
     return "address already in use" in text or "eaddrinuse" in text
 
 
-def _spawn_once(mode: str, out_dir: Path) -> None:
+def _spawn_once(mode: str, out_dir: Path, options: dict[str, Any]) -> None:
     ctx = mp.start_processes(
         _worker,
-        args=(_free_port(), mode, str(out_dir)),
+        args=(_free_port(), mode, str(out_dir), options),
         nprocs=WORLD,
         join=False,
         start_method="spawn",
@@ -285,14 +313,14 @@ def _spawn_once(mode: str, out_dir: Path) -> None:
             p.join()
 
 
-def spawn_workers(mode: str, out_dir: Path) -> list[RunResult]:
+def spawn_workers(mode: str, out_dir: Path, options: dict[str, Any] = OPTIONS) -> list[RunResult]:
     """Run ``_worker`` on 2 spawned ranks; retry once if the free port was taken meanwhile."""
     try:
-        _spawn_once(mode, out_dir)
+        _spawn_once(mode, out_dir, options)
     except mp.ProcessRaisedException as e:
         if not _port_taken(e):
             raise
-        _spawn_once(mode, out_dir)
+        _spawn_once(mode, out_dir, options)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -340,3 +368,60 @@ def test_context_parallel_ranks_agree_and_match_non_parallel(
             assert err <= ATOL, f"{where} step {step}: max abs difference {err:.2e} > {ATOL}"
     # Same decisions on every rank, and the same as without parallelism.
     assert ranks[0].counters == ranks[1].counters == non_parallel.counters
+
+
+POLICY_BINS = 4
+
+
+def _flux_policy(path: Path, seed: int) -> dict[str, Any]:
+    """Options with a random BlockDance-Ada policy for ``zoo.make_flux`` (its cached layout read
+    from a compile), its decisions made sharp (``fc2`` scaled) so that shards would disagree."""
+    import bd_compile
+    from bd_compile.ada import DecisionNet, PolicyMeta, save_policy
+
+    torch._dynamo.reset()
+    case = zoo.make_flux(SEED)
+    compiled = torch.compile(case.model, backend="blockdance", options={"inner": "aot_eager"})
+    zoo.run_loop(case, compiled, 1, cfg="none", seed=SEED)
+    layout = next(r.layout for r in bd_compile.runtimes_of(compiled) if r.layout.cached)
+    first = layout.cached[0]
+    width = int(first.shape[-1])
+    torch.manual_seed(seed)
+    net = DecisionNet(width, POLICY_BINS, 8)
+    with torch.no_grad():
+        net.fc2.weight.mul_(30.0)
+    meta = PolicyMeta(
+        len(layout.blocks), layout.cache_block, first.name, width, tuple(first.shape[1:]),
+        bins=POLICY_BINS, hidden=8, model="zoo flux (test)",
+    )  # fmt: skip
+    save_policy(path, net, meta)
+    return {"inner": OPTIONS["inner"], "policy": str(path)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_context_parallel_policy_agrees_across_ranks(tmp_path: Path) -> None:
+    """BlockDance-Ada under ulysses: each rank pools its own shard, the statistics are summed
+    over the context-parallel group, and both ranks take the decision of the whole sequence
+    (the non-parallel run's), which their own shards alone would not have given."""
+    pytest.importorskip("diffusers.models._modeling_parallel", reason="diffusers without CP")
+    options = _flux_policy(tmp_path / "policy.safetensors", seed=1)  # pattern CCCCCRRCRR
+    ref = run_blockdance(zoo.make_flux(SEED), options)
+    assert ref.counters["graphs_rewritten"] >= 1 and ref.counters["fallbacks"] == 0, ref.counters
+    assert len(ref.samples) == 1 and len(ref.decisions) == 1, (ref.samples, ref.decisions)
+    after = ref.samples[0][int(STEPS * 0.4) + 1 :]
+    assert "R" in after and "C" in after, ref.samples  # a mixed pattern: decisions matter
+    ranks = spawn_workers("ulysses", tmp_path, options)
+    for rank, got in enumerate(ranks):
+        where = f"ulysses rank {rank}"
+        assert got.samples == ref.samples, (where, got.samples, ref.samples)
+        assert got.counters == ref.counters, (where, got.counters, ref.counters)
+        (made, _), (ref_made, _) = got.decisions[0], ref.decisions[0]
+        assert torch.equal(made, ref_made), where
+        for step, (out, want) in enumerate(zip(got.outputs, ref.outputs, strict=True)):
+            err = (out - want).abs().max().item()
+            assert err <= ATOL, f"{where} step {step}: max abs difference {err:.2e} > {ATOL}"
+    # The test has teeth: without the sum over ranks some rank would have decided otherwise.
+    assert any(not torch.equal(a, b) for got in ranks for a, b in got.decisions), [
+        got.decisions for got in ranks
+    ]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bd_compile import default_cache_block
+from bd_compile.ada import DecisionNet, PolicyMeta, save_policy
 from bd_compile.analysis import Calibration, save_calibration
 from benchmarks import quality
 from benchmarks.reference.colour import classifier as colour_classifier
@@ -57,6 +59,20 @@ def tiny_model(tmp_path: Path, dataset: str) -> Path:
     return folder
 
 
+def alternating_policy(path: Path) -> str:
+    """A BlockDance-Ada policy for ``tiny_model`` that computes every other progress bin."""
+    blocks, width, bins = 4, 32, 4
+    net = DecisionNet(width, bins, 4)
+    with torch.no_grad():
+        net.fc2.weight.zero_()
+        net.fc2.bias.copy_(torch.tensor([5.0, -5.0] * (bins // 2)))
+    cb = default_cache_block(blocks)
+    name = f"transformer_blocks.{cb} output"
+    meta = PolicyMeta(blocks, cb, name, width, (16, width), bins=bins, hidden=4)
+    save_policy(path, net, meta)
+    return str(path)
+
+
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_quality_and_report_write_every_method_and_full_matches_itself(
     dataset: str, tmp_path: Path
@@ -79,7 +95,7 @@ def test_quality_and_report_write_every_method_and_full_matches_itself(
         "--compiler", "eager", "--forecasts", "2", "--calibrated-intervals", "2", "4",
         "--ddim-steps", "8", "--dpm-steps", "6", "--samples", "8", "--splits", "2",
         "--batch", "8", "--fbc-thresholds", "0.1", "0.5", "--calibration", str(calibration),
-        *common,
+        "--policy", f"alt={alternating_policy(tmp_path / 'alt.safetensors')}", *common,
     ])  # fmt: skip
     quality.main(["--part", "report", *common])
 
@@ -104,6 +120,7 @@ def test_quality_and_report_write_every_method_and_full_matches_itself(
             "blockdance",
             "forecast",
             "calibrated",
+            "ada",
             "deepcache",
             "steps",
             "fbc",
@@ -118,6 +135,7 @@ def test_quality_and_report_write_every_method_and_full_matches_itself(
         assert mine[f"{int(scenario.split()[-1]) // 2} steps"]["family"] == "steps"
         assert float(mine["full"]["ssim"]) == 1.0
         assert float(mine["full, other seeds"]["ssim"]) < 1.0
+        assert float(mine["Ada alt"]["reuse_calls"]) > 0  # the policy ran, per sample
         assert "FirstBlockCache 0.1" in mine and "FirstBlockCache 0.5" in mine
         for r in mine.values():
             if r["family"] != "floor":
@@ -127,3 +145,4 @@ def test_quality_and_report_write_every_method_and_full_matches_itself(
     report = (results / "quality-t.md").read_text()
     assert "What the data says" in report and "DDIM 8" in report
     assert "**Target 2 (BlockDance+forecast 2 N=4 25%-95% vs copy N=2)" in report
+    assert "**Ada claim (Ada alt)" in report

@@ -2,14 +2,14 @@
 and measured speed through the backend.
 
     python -m benchmarks.ada.evaluate --policy benchmarks/reference/ada-policy.safetensors \
-        --samples 200 --tag reference
+        --samples 200 --tag reference [--dataset colour]
 
 Quality: held-out seeds (never in the training pool), DDIM 50, CFG 3, the eager per-sample engine
 (``benchmarks.ada.rollout``, which equals the backend: ``tests/test_ada.py::
 test_rollout_engine_matches_backend``); every method starts from the same noise and the same
 steps up to the decision step. Per method: reuse steps per sample, the FLOP bound of that block
-work, SSIM / PSNR against the all-compute sample, class accuracy, FID against the 500 held-out
-digits (classifier features; biased upward at this sample count, compare between rows only).
+work, SSIM / PSNR against the all-compute sample, class accuracy, FID against the held-out
+images (classifier features; biased upward at this sample count, compare between rows only).
 
 Speed: one model compiled with ``backend="blockdance"`` (inductor), switched between methods
 with ``set_schedule`` (no recompile), generations interleaved, median of ``--repeats``; at batch
@@ -33,19 +33,16 @@ import torch
 import bd_compile
 from bd_compile.ada import load_policy
 from bd_compile.metrics import psnr, ssim
-from bd_compile.sampling import REFERENCE_MODEL, denoise, load_reference, make_scheduler
-from benchmarks.ada.rollout import Prefix, Sampler
-from benchmarks.common import log, machine, write_csv
+from bd_compile.sampling import denoise, make_scheduler
+from benchmarks.ada import reference
+from benchmarks.ada.reference import Reference
+from benchmarks.ada.rollout import Prefix
+from benchmarks.common import flop_bound_speedup, log, machine, write_csv
 from benchmarks.fid import fid
 from benchmarks.quality.plan import seeded_inputs
-from benchmarks.reference.classifier import DEFAULT_PATH as CLASSIFIER
-from benchmarks.reference.classifier import load_classifier, predict
-from passes import default_cache_block
+from benchmarks.reference.classifier import predict
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-#: FLOP share of a reuse call the cached region (blocks 0..8 of 12) skips on the reference DiT
-#: (benchmarks/results/quality.md, torch.utils.flop_counter).
-REGION_SHARE = 0.748
 
 
 @dataclass
@@ -70,11 +67,17 @@ def _static(timesteps: list[float], n: int) -> list[bool]:
     return bd_compile.plan(timesteps, interval=n, window=(0.4, 0.95))
 
 
-def quality(args: argparse.Namespace, policies: dict[str, str]) -> dict[str, dict[str, Any]]:
-    model, train_sched = load_reference(args.model)
-    model.requires_grad_(False)
-    cb = default_cache_block(len(model.transformer_blocks))
-    sampler = Sampler(model, make_scheduler(train_sched.config, "ddim"), cb, 50, 3.0, 0.4)
+def _columns(compute: torch.Tensor, k: int) -> Callable[[int], torch.Tensor]:
+    """Step ``i`` -> column ``i - k - 1`` of a ``[samples, steps after k]`` compute mask."""
+
+    def fn(i: int) -> torch.Tensor:
+        return compute[:, i - k - 1]
+
+    return fn
+
+
+def quality(ref: Reference, args: argparse.Namespace, policies: dict[str, str]) -> dict[str, Any]:
+    model, sampler = ref.model, ref.sampler
     k = sampler.decision_step
     plans = {f"static N={n}": _static(sampler.timesteps, n) for n in (2, 3, 4)}
     for name, plan in plans.items():
@@ -98,7 +101,7 @@ def quality(args: argparse.Namespace, policies: dict[str, str]) -> dict[str, dic
             compute = policy.logits(pre.stats, pre.progress) > 0
             per_sample[name] = compute[:, torch.tensor(b)]
         for name, comp in per_sample.items():
-            runs[name] = lambda i, _c=comp: _c[:, i - k - 1]
+            runs[name] = _columns(comp, k)
             patterns.setdefault(name, []).extend(
                 "C" * (k + 1) + "".join("C" if c else "R" for c in row) for row in comp.tolist()
             )
@@ -107,39 +110,39 @@ def quality(args: argparse.Namespace, policies: dict[str, str]) -> dict[str, dic
             finals.setdefault(name, []).append(x.clamp(-1, 1))
         log(f"quality: {ids[-1] + 1}/{args.samples} samples")
     labels = torch.cat(all_labels)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
     for name, xs in finals.items():
         out[name] = {
             "images": torch.cat(xs),
-            "patterns": patterns.get(name, ["C" * 50] * len(labels)),
+            "patterns": patterns.get(name, ["C" * sampler.steps] * len(labels)),
         }
     out["_labels"] = {"labels": labels}
     return out
 
 
-def speed(args: argparse.Namespace, policies: dict[str, str], batch: int) -> dict[str, float]:
+def speed(
+    ref: Reference, args: argparse.Namespace, policies: dict[str, str], batch: int
+) -> dict[str, float]:
     """Median generation time per method through the backend (inductor), interleaved."""
-    model, train_sched = load_reference(args.model)
-    compiled = torch.compile(
-        model, backend="blockdance", options={"interval": 1, "inner": args.inner}
-    )
-    labels = torch.arange(batch) % 10
-    y = torch.cat([labels, torch.full_like(labels, 10)])
-    noise = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+    model = ref.model
+    options = {"interval": 1, "inner": args.inner, "cache_block": ref.cache_block}
+    compiled = torch.compile(model, backend="blockdance", options=options)
+    labels, noise = seeded_inputs(range(batch), args.seed, model)
+    y = torch.cat([labels, torch.full_like(labels, ref.sampler.null)])
 
     def generate() -> None:
         denoise(
             compiled,
-            make_scheduler(train_sched.config, "ddim"),
+            make_scheduler(ref.train_config, "ddim"),
             lambda x, t: {"hidden_states": x, "timestep": t, "class_labels": y},
             noise,
-            50,
-            guidance_scale=3.0,
+            ref.sampler.steps,
+            guidance_scale=ref.sampler.guidance,
         )
 
     settings: dict[str, dict[str, Any]] = {"full": {"interval": 1}}
     for n in (2, 3, 4):
-        settings[f"static N={n}"] = {"interval": n, "window": (0.4, 0.95)}
+        settings[f"static N={n}"] = {"interval": n, "window": (ref.sampler.rho, 0.95)}
     for name, path in policies.items():
         settings[name] = {"policy": path}
     times: dict[str, list[float]] = {name: [] for name in settings}
@@ -158,7 +161,7 @@ def speed(args: argparse.Namespace, policies: dict[str, str], batch: int) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(REFERENCE_MODEL))
+    reference.add_arguments(ap)
     ap.add_argument("--policy", action="append", default=[], help="NAME=PATH or PATH")
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--batch", type=int, default=50)
@@ -176,13 +179,14 @@ def main(argv: list[str] | None = None) -> None:
         name, _, path = p.rpartition("=")
         policies[name or f"Ada {Path(path).stem}"] = path
     t0 = time.time()
-    res = quality(args, policies)
+    ref = reference.load(args)
+    share = ref.region_share()
+    res = quality(ref, args, policies)
     labels = res.pop("_labels")["labels"]
-    classifier = load_classifier(CLASSIFIER)
-    from benchmarks.reference.data import load_split
-
-    held_out = load_split().held_out_images
+    data = ref.data()
+    classifier, held_out = data.classifier, data.split.held_out_images
     full = res["full"]["images"]
+    steps = ref.sampler.steps
     rows: dict[str, Row] = {}
     for name, r in res.items():
         img = r["images"]
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             reuse_steps=float(reuse.mean()),
             reuse_min=int(reuse.min()),
             reuse_max=int(reuse.max()),
-            flop_bound=50 / (50 - float(reuse.mean()) * REGION_SHARE),
+            flop_bound=flop_bound_speedup(steps, float(reuse.mean()), share),
             ssim=float(s.mean()),
             ssim_se=float(s.std() / len(s) ** 0.5),
             psnr=float(d.mean()),
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_speed:
         t1 = time.time()
         for batch, attr in ((args.speed_batch, "speed_batch"), (1, "speed_1")):
-            for name, v in speed(args, policies, batch).items():
+            for name, v in speed(ref, args, policies, batch).items():
                 setattr(rows[name], attr, v)
         speed_note = (
             f"inner {args.inner}, one compiled model switched with set_schedule, median of "
@@ -223,22 +227,24 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"- Machine: {machine()}.",
         f"- Quality: {args.samples} samples, seeds {args.seed}..{args.seed + args.samples - 1} "
-        f"(held out from training), labels i % 10, DDIM 50, CFG 3, cache_block 8 (blocks 0-8 "
-        f"of 12), static window 40%-95%, Ada rho 0.4; {quality_s:.0f} s.",
+        f"(held out from training), labels i % classes, {ref.describe()} (blocks "
+        f"0-{ref.cache_block} of {ref.blocks} skipped on reuse), static window "
+        f"{ref.sampler.rho:.0%}-95%, Ada rho {ref.sampler.rho}; {quality_s:.0f} s.",
         f"- Speed: {speed_note}; speedup vs the same compiled model computing every step.",
-        f"- FLOP bound: 50 / (50 - reuse x {REGION_SHARE}) (region's FLOP share).",
+        f"- FLOP bound: {steps} / ({steps} - reuse x {share:.3f}) (region's FLOP share, "
+        "torch.utils.flop_counter).",
         "",
-        "| method | reuse steps / 50 (min-max) | FLOP bound | speed batch "
+        f"| method | reuse steps / {steps} (min-max) | FLOP bound | speed batch "
         f"{args.speed_batch} | speed batch 1 | SSIM vs full | PSNR dB | accuracy | FID | "
         "distinct patterns |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows.values():
+    for row in rows.values():
         lines.append(
-            f"| {r.method} | {r.reuse_steps:.1f} ({r.reuse_min}-{r.reuse_max}) | "
-            f"{r.flop_bound:.2f}x | {r.speed_batch:.2f}x | {r.speed_1:.2f}x | "
-            f"{r.ssim:.4f} ± {r.ssim_se:.4f} | {r.psnr:.2f} ± {r.psnr_se:.2f} | "
-            f"{r.accuracy:.3f} | {r.fid:.2f} | {r.distinct_patterns} |"
+            f"| {row.method} | {row.reuse_steps:.1f} ({row.reuse_min}-{row.reuse_max}) | "
+            f"{row.flop_bound:.2f}x | {row.speed_batch:.2f}x | {row.speed_1:.2f}x | "
+            f"{row.ssim:.4f} ± {row.ssim_se:.4f} | {row.psnr:.2f} ± {row.psnr_se:.2f} | "
+            f"{row.accuracy:.3f} | {row.fid:.2f} | {row.distinct_patterns} |"
         )
     out.write_text("\n".join(lines) + "\n")
     log("\n".join(lines))

@@ -1,6 +1,6 @@
 """Is there per-instance variation for an adaptive schedule to exploit? An oracle upper bound.
 
-    python -m benchmarks.ada.oracle --samples 100
+    python -m benchmarks.ada.oracle --samples 100 [--dataset colour]
 
 Each held-out sample runs static N=2 and N=4 (same noise). The oracle then gives N=4 to the
 fraction of samples that lose the least PSNR by it, sized so that the mean block work equals
@@ -18,29 +18,25 @@ import torch
 
 import bd_compile
 from bd_compile.metrics import psnr
-from bd_compile.sampling import REFERENCE_MODEL, load_reference, make_scheduler
-from benchmarks.ada.rollout import Sampler
+from benchmarks.ada import reference
 from benchmarks.common import log
 from benchmarks.quality.plan import seeded_inputs
-from passes import default_cache_block
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(REFERENCE_MODEL))
+    reference.add_arguments(ap)
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--seed", type=int, default=100_000)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model, train_sched = load_reference(args.model)
-    model.requires_grad_(False)
-    cb = default_cache_block(len(model.transformer_blocks))
-    sampler = Sampler(model, make_scheduler(train_sched.config, "ddim"), cb, 50, 3.0, 0.4)
+    ref = reference.load(args)
+    model, sampler = ref.model, ref.sampler
+    log(ref.describe())
     k = sampler.decision_step
-    plans = {
-        n: bd_compile.plan(sampler.timesteps, interval=n, window=(0.4, 0.95)) for n in (2, 3, 4)
-    }
+    window = (reference.RHO, 0.95)
+    plans = {n: bd_compile.plan(sampler.timesteps, interval=n, window=window) for n in (2, 3, 4)}
     db: dict[int, list[torch.Tensor]] = {n: [] for n in plans}
     for lo in range(0, args.samples, args.batch):
         ids = list(range(lo, min(args.samples, lo + args.batch)))

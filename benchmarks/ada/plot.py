@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.errorbar(x, y, yerr=float(r["psnr_se"]), fmt="s", label=r["method"])
     ax.set_xlabel("FLOP-bound speedup (block work)")
     ax.set_ylabel("PSNR to the all-compute sample (dB)")
-    ax.set_title("BlockDance-Ada vs static, reference MNIST DiT, DDIM 50")
+    ax.set_title(f"BlockDance-Ada vs static BlockDance-N ({path.stem}), DDIM 50")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     out = path.with_name(path.stem + "-pareto.png")

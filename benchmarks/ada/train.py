@@ -1,12 +1,12 @@
 """Train a BlockDance-Ada policy with REINFORCE on the reference DiT (resumable, budgeted).
 
     python -m benchmarks.ada.train --out benchmarks/reference/ada-policy.safetensors \
-        --work blockdance-ada/run --minutes 30 --lam 2
+        --work blockdance-ada/run --minutes 30 --lam 2 [--dataset colour]
 
 Reward (Note [Ada reward]): ``R = C + lambda * Q`` with ``C`` the fraction of the steps after
 the decision step that reuse, and ``Q = clip(PSNR / 60 dB, 0, 1) * p(class)``: PSNR of the final
 sample against the all-compute sample of the same noise, times the reference classifier's
-probability of the requested digit.
+probability of the requested class.
 
 Note [Ada reward]
 SSIM against the all-compute output is the paper's consistency metric, but on this model it is
@@ -19,7 +19,7 @@ reward however close its pixels are on average; it is ~1 for every static settin
 only guards against collapse. The baseline is the mean reward of the draws of the same noise
 (a mean-reward baseline per instance, which also removes the instance's difficulty).
 
-Training data: a pool of noises (seeds, labels ``i % 10``) whose steps up to the decision step
+Training data: a pool of noises (seeds, labels ``i % classes``) whose steps up to the decision step
 and all-compute finals are computed once and kept in the work folder; each iteration draws
 ``--states`` of them and ``--draws`` Bernoulli decision vectors each. Checkpoints (net, Adam,
 generator, curve) are written every ``--save-every`` iterations and at the end; a rerun with the
@@ -39,13 +39,10 @@ import torch
 
 from bd_compile.ada import DecisionNet, PolicyMeta, load_policy, save_policy, stats_features
 from bd_compile.metrics import psnr
-from bd_compile.sampling import REFERENCE_MODEL, load_reference, make_scheduler
+from benchmarks.ada import reference
 from benchmarks.ada.rollout import Prefix, Sampler
 from benchmarks.common import log, machine
 from benchmarks.quality.plan import seeded_inputs
-from benchmarks.reference.classifier import DEFAULT_PATH as CLASSIFIER
-from benchmarks.reference.classifier import load_classifier
-from passes import default_cache_block
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +61,8 @@ def quality(
 
 
 def build_pool(sampler: Sampler, n: int, seed: int, chunk: int) -> dict[str, torch.Tensor]:
-    """Noises ``seed..seed+n-1`` (labels ``i % 10``): decision-step state and all-compute final."""
+    """Noises ``seed..seed+n-1`` (labels ``i % classes``): decision-step state and all-compute
+    final."""
     xs, caches, stats, fulls, labels = [], [], [], [], []
     for lo in range(0, n, chunk):
         ids = range(lo, min(n, lo + chunk))
@@ -72,7 +70,10 @@ def build_pool(sampler: Sampler, n: int, seed: int, chunk: int) -> dict[str, tor
         pre = sampler.prefix(noise, y)
         full, _ = sampler.finish(pre, y)
         c = pre.cache.reshape(2, len(ids), *pre.cache.shape[1:]).transpose(0, 1)
-        xs.append(pre.x), caches.append(c), stats.append(pre.stats), fulls.append(full)
+        xs.append(pre.x)
+        caches.append(c)
+        stats.append(pre.stats)
+        fulls.append(full)
         labels.append(y)
         log(f"pool: {lo + len(ids)}/{n}")
     return {
@@ -109,7 +110,7 @@ def rollout(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(REFERENCE_MODEL))
+    reference.add_arguments(ap)
     ap.add_argument("--out", required=True, help="policy file to write (safetensors)")
     ap.add_argument("--work", required=True, help="folder for the pool and checkpoints")
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget (this run)")
@@ -120,12 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draws", type=int, default=2, help="decision draws per pool entry")
     ap.add_argument("--pool", type=int, default=256)
     ap.add_argument("--pool-seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=3.0)
-    ap.add_argument("--rho", type=float, default=0.4)
+    ap.add_argument("--steps", type=int, default=reference.STEPS)
+    ap.add_argument("--guidance", type=float, default=reference.GUIDANCE)
+    ap.add_argument("--rho", type=float, default=reference.RHO)
     ap.add_argument("--bins", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--cache-block", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-from", default=None, help="start from this policy's weights")
     ap.add_argument("--log-every", type=int, default=5)
@@ -133,25 +133,19 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
 
-    model, train_sched = load_reference(args.model)
-    model.requires_grad_(False)
-    blocks = len(model.transformer_blocks)
-    cache_block = args.cache_block if args.cache_block is not None else default_cache_block(blocks)
-    sampler = Sampler(
-        model, make_scheduler(train_sched.config, "ddim"), cache_block, args.steps,
-        args.guidance, args.rho,
-    )  # fmt: skip
+    ref = reference.load(args, args.steps, args.guidance, args.rho)
+    sampler, cache_block = ref.sampler, ref.cache_block
     bins_of_steps = sampler.bins(args.bins)
     if len(set(bins_of_steps)) < len(bins_of_steps):
         log(f"note: {len(bins_of_steps)} steps share {len(set(bins_of_steps))} bins")
-    classifier = load_classifier(CLASSIFIER)
+    classifier = ref.data().classifier
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
     pool_path = work / "pool.pt"
     key = {
         "pool": args.pool, "seed": args.pool_seed, "steps": args.steps, "rho": args.rho,
-        "cache_block": cache_block, "guidance": args.guidance, "model": str(args.model),
+        "cache_block": cache_block, "guidance": args.guidance, "model": str(ref.model_path),
     }  # fmt: skip
     pool: dict[str, Any] | None = None
     if pool_path.exists():
@@ -180,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         state = torch.load(ckpt, weights_only=False)
         if state["lam"] != args.lam:
             raise SystemExit(f"{ckpt} was trained with lambda {state['lam']}, not {args.lam}")
-        net.load_state_dict(state["net"]), opt.load_state_dict(state["opt"])
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         curve, it, spent = state["curve"], state["it"], state["spent"]
         log(f"resumed at iteration {it} ({spent / 60:.1f} min spent before)")
@@ -240,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
 
     layout_shape = tuple(int(s) for s in pool["cache"].shape[2:])
     meta = PolicyMeta(
-        blocks=blocks,
+        blocks=ref.blocks,
         cache_block=cache_block,
         cached_name=f"transformer_blocks.{cache_block} output",
         width=width,
@@ -248,8 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         rho=args.rho,
         bins=args.bins,
         hidden=args.hidden,
-        model=f"reference MNIST DiT ({Path(args.model).name}), DDIM {args.steps}, CFG "
-        f"{args.guidance}",
+        model=ref.describe(),
         trained={
             "reward": f"C + lambda * clip(PSNR/{PSNR_SCALE:g} dB, 0, 1) * p(class)",
             "lambda": args.lam,

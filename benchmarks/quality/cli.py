@@ -96,6 +96,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="intervals of the calibrated (deeper cache block) method",
     )
     p.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="a BlockDance-Ada policy for the dataset's model (benchmarks/reference/ada); "
+        "repeat for several",
+    )
+    p.add_argument(
         "--windows",
         type=_window,
         nargs="+",
@@ -162,7 +170,14 @@ def make_setup(args: argparse.Namespace) -> Setup:
         calibration_path=args.calibration,
         forecasts=tuple(args.forecasts),
         calibrated_intervals=tuple(args.calibrated_intervals),
+        policies=tuple(_policy(p) for p in args.policy),
     )
+
+
+def _policy(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH`` (named after the file)."""
+    name, _, path = text.rpartition("=")
+    return name or Path(path).stem, path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

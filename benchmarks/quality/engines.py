@@ -78,8 +78,12 @@ class Engines:
         labels: torch.Tensor,
         noise: torch.Tensor,
         guidance: float,
-    ) -> tuple[torch.Tensor, int, int, str]:
-        """Sample one batch with method ``m``: images, reuse calls, calls, C/R pattern."""
+    ) -> tuple[torch.Tensor, float, int, str]:
+        """Sample one batch with method ``m``: images, reuse calls, calls, C/R pattern.
+
+        For a BlockDance-Ada policy the reuse calls are the mean over samples of the calls the
+        sample's rows reused (its decisions differ per sample); the pattern is the first
+        sample's."""
         scheduler = make_sampler(self.train_config, sc.key)  # type: ignore[arg-type]
         if m.engine == "fbc":
             assert m.threshold is not None
@@ -98,7 +102,11 @@ class Engines:
                 self._warm_up(denoise, sc, labels, noise, guidance)
             if m.engine in ("bd", "plain", "calibrated"):
                 bd_compile.set_schedule(
-                    model, interval=m.interval, window=m.window, forecast=m.forecast
+                    model,
+                    interval=m.interval,
+                    window=m.window,
+                    forecast=m.forecast,
+                    policy=m.policy,
                 )
             bd_compile.reset(model)
         images = sample(
@@ -107,6 +115,11 @@ class Engines:
         if not traced:
             return images, 0, m.steps, ""
         last = bd_compile.stats(model).last
+        if m.policy is not None:
+            if not last.samples:
+                raise RuntimeError(f"{m.name}: the policy made no decision (did it fall back?)")
+            reuse = statistics.fmean(s.count("R") for s in last.samples)
+            return images, reuse, last.calls, last.samples[0]
         return images, last.reused_calls, last.calls, last.pattern
 
     def _warm_up(
@@ -143,7 +156,7 @@ def generate_all(
     no shape change recompiles); returns images, mean reuse calls and calls per generation."""
     n = labels.shape[0]
     out: list[torch.Tensor] = []
-    reuses: list[int] = []
+    reuses: list[float] = []
     calls = 0
     t0 = time.perf_counter()
     for lo, hi in chunks(n, batch):

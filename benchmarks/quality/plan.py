@@ -29,7 +29,9 @@ OTHER_SEED_OFFSET = 1_000_000
 GRID_SAMPLES = 10
 #: PSNR of identical images is infinite; per-sample values are capped here.
 PSNR_CAP_DB = 100.0
-FAMILIES = ("full", "blockdance", "forecast", "calibrated", "deepcache", "steps", "fbc", "floor")
+FAMILIES = (
+    "full", "blockdance", "forecast", "calibrated", "ada", "deepcache", "steps", "fbc", "floor",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,10 @@ class Method:
     """One way of sampling a scenario. ``engine`` says which model object runs it:
 
     ``plain`` (all blocks: the BlockDance-compiled model at interval 1 in the quality part, plain
-    inductor in the speed part), ``bd`` (BlockDance at the default cache block, schedule set per
-    generation), ``deepcache`` and ``calibrated`` (their own compiles), ``fbc`` (eager model with
-    diffusers' FirstBlockCache hook), ``eager`` (speed part only).
+    inductor in the speed part), ``bd`` (BlockDance at the default cache block, schedule or
+    BlockDance-Ada ``policy`` set per generation), ``deepcache`` and ``calibrated`` (their own
+    compiles), ``fbc`` (eager model with diffusers' FirstBlockCache hook), ``eager`` (speed part
+    only).
     """
 
     name: str
@@ -60,11 +63,12 @@ class Method:
     window: tuple[float, float] = (0.0, 1.0)
     cache_block: int | None = None
     threshold: float | None = None
-    planned_reuse: int | None = None  # reuse calls per generation the schedule plans
+    planned_reuse: int | None = None  # reuse calls per generation the schedule plans (not Ada)
     flop_fraction: float = 0.0  # FLOP share of the blocks a reuse call skips
     matches: str = ""  # step reduction / FirstBlockCache: the settings it was matched to
     target_speedup: float | None = None
     forecast: int = 0  # the backend's ``forecast`` option (0: the paper's copy)
+    policy: str | None = None  # the backend's ``policy`` option (BlockDance-Ada)
 
     def flop_bound(self, calls: int, reuse: float) -> float:
         """Speedup if a reuse call cost exactly ``1 - flop_fraction`` of a full call; for step
@@ -98,6 +102,8 @@ class Setup:
     forecasts: tuple[int, ...] = ()
     #: intervals of the calibrated (deep cache block) method; forecasts run there too
     calibrated_intervals: tuple[int, ...] = (2,)
+    #: BlockDance-Ada policies (name, path) for the model at the default cache block
+    policies: tuple[tuple[str, str], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def path(self, name: str, suffix: str) -> Path:
@@ -281,6 +287,10 @@ def plan_methods(
         )
     )
     methods += cached
+    for name, path in setup.policies:  # per-sample reuse: no step reduction matched to it
+        methods.append(
+            Method(f"Ada {name}", "ada", "bd", s, cache_block=cb, flop_fraction=fr.bd, policy=path)
+        )
     matched: dict[int, list[Method]] = {}
     for m in cached:
         reduced = round(s / m.flop_bound(s, m.planned_reuse or 0))

@@ -40,7 +40,7 @@ class SpeedRow:
     speedup_vs_eager: float
     flop_bound: float
     efficiency: float
-    reuse_calls: int
+    reuse_calls: float  # BlockDance-Ada: mean over the samples
     calls: int
     pattern: str
 
@@ -83,13 +83,13 @@ def run_speed(setup: Setup) -> None:
         methods.insert(1, replace(methods[0], name="full (blockdance, N=1)", engine="bd"))
         methods.insert(1, replace(methods[0], name="full (eager)", engine="eager"))
         times: dict[str, list[float]] = {m.name: [] for m in methods}
-        stats: dict[str, tuple[int, int, str]] = {}
+        stats: dict[str, tuple[float, int, str]] = {}
         for rep in range(args.repeats + 1):  # repeat 0 is the warm-up (and compiles)
             for m in methods:
-                result: list[tuple[int, int, str]] = []
+                result: list[tuple[float, int, str]] = []
 
                 def run(
-                    m: Method = m, sc: Scenario = sc, result: list[tuple[int, int, str]] = result
+                    m: Method = m, sc: Scenario = sc, result: list[tuple[float, int, str]] = result
                 ) -> None:
                     _, reuse, calls, pattern = engines.generate(m, sc, labels, noise, args.guidance)
                     result.append((reuse, calls, pattern))
