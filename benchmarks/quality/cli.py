@@ -113,9 +113,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--fbc-thresholds",
         type=float,
-        nargs="+",
+        nargs="*",
         default=None,
-        help="FirstBlockCache thresholds (default: probed to match BlockDance)",
+        help="FirstBlockCache thresholds (default: probed to match BlockDance; none given: no "
+        "FirstBlockCache rows)",
     )
     p.add_argument(
         "--fbc-probe-samples",

@@ -181,7 +181,7 @@ def run_quality(setup: Setup) -> None:
         ts = timesteps_of(train_sched.config, sc, sc.steps)
         plan0 = plan_methods(setup, sc, num_blocks, ts, fr, [])
         fbc_matches: dict[float, str] = {}
-        if args.fbc_thresholds:
+        if args.fbc_thresholds is not None:
             thresholds = list(args.fbc_thresholds)
         else:
             k = min(n, args.fbc_probe_samples)

@@ -73,8 +73,10 @@ def run_speed(setup: Setup) -> None:
     log(f"[speed] FirstBlockCache under Dynamo: {fbc_note}")
     for sc in setup.scenarios:
         ts = timesteps_of(train_sched.config, sc, sc.steps)
-        thresholds = list(args.fbc_thresholds or []) or thresholds_from(
-            setup.path("quality_metrics", ".csv"), sc.name
+        thresholds = (
+            list(args.fbc_thresholds)
+            if args.fbc_thresholds is not None
+            else thresholds_from(setup.path("quality_metrics", ".csv"), sc.name)
         )
         if thresholds is None:
             plan0 = plan_methods(setup, sc, num_blocks, ts, fr, [])
