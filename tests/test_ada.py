@@ -413,20 +413,43 @@ def test_rollout_engine_matches_backend(tmp_path: Path) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_shipped_policies_fit_the_reference_model() -> None:
+REFERENCE = Path(__file__).parents[1] / "benchmarks/reference"
+
+
+@pytest.mark.parametrize(
+    ("model_dir", "policies", "image", "null"),
+    [
+        (None, REFERENCE / "ada", (1, 28, 28), 10),
+        (REFERENCE / "colour/model", REFERENCE / "colour/ada", (3, 32, 32), 9),
+    ],
+    ids=["mnist", "colour"],
+)
+def test_shipped_policies_fit_the_reference_model(
+    model_dir: Path | None, policies: Path, image: tuple[int, ...], null: int
+) -> None:
     from bd_compile.sampling import load_reference
 
-    model, _ = load_reference()
-    shipped = sorted((Path(__file__).parents[1] / "benchmarks/reference/ada").glob("*.safetensors"))
+    model, _ = load_reference() if model_dir is None else load_reference(model_dir)
+    shipped = sorted(policies.glob("*.safetensors"))
     assert shipped
     compiled = torch.compile(
         model, backend="blockdance", options={**bd_testing.AOT, "strict": True}
     )
-    x = torch.randn(2, 1, 28, 28)
-    compiled(x, timestep=torch.tensor([999, 999]), class_labels=torch.tensor([1, 10]))
+    x = torch.randn(2, *image)
+    compiled(x, timestep=torch.tensor([999, 999]), class_labels=torch.tensor([1, null]))
     for path in shipped:
         bd_compile.set_schedule(compiled, policy=str(path))  # strict: raises on a mismatch
         assert bd_compile.runtimes_of(compiled)[0].state.ada is not None, path
+
+
+def test_rows_only_saving_counts_the_region_work_of_mixed_steps() -> None:
+    """benchmarks.ada.evaluate's estimate of what computing only the computing rows would save."""
+    from benchmarks.ada.evaluate import rows_only_saving
+
+    assert rows_only_saving(["CCR", "CRR"], 2) == 0.25  # step 1 mixed: 1 of 4 sample-steps idle
+    assert rows_only_saving(["CR", "CR"], 2) == 0.0  # one pattern: no mixed step
+    assert rows_only_saving(["CR", "RC"], 1) == 0.0  # batch 1: never mixed
+    assert rows_only_saving(["CR", "RC", "RR"], 2) == 0.5  # the last batch has one sample
 
 
 def test_policy_sync_uses_the_context_parallel_group() -> None:
