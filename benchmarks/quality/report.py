@@ -594,6 +594,19 @@ def grid_plot(samples: Any, groups: dict[str, list[Entry]], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _fbc_note(q_meta: dict[str, Any], s_meta: dict[str, Any]) -> str:
+    return (
+        "- **FirstBlockCache** is diffusers' eager hook (not compiled: it decides per call with "
+        "a device-to-host `.item()` behind `torch.compiler.disable`); thresholds "
+        f"{q_meta.get('fbc_thresholds', '?')} were picked on "
+        f"{q_meta.get('fbc_probe_samples', '?')} probe samples to land near the BlockDance "
+        "FLOP bounds. Its decision is one per batched call (the whole batch skips or not), so "
+        "it depends on the batch. Its measured speedup is against plain inductor although it "
+        "runs eager; the 'vs eager' column is its gain over its own baseline. "
+        + (f"Under Dynamo: {s_meta['fbc_dynamo']}." if s_meta.get("fbc_dynamo") else "")
+    )
+
+
 def write_report(results: Path, stem: str = "") -> Path:
     """Merge the parts' results in ``results`` (file suffix ``stem``) into the report files."""
     q_path = results / f"quality_metrics{stem}.csv"
@@ -670,16 +683,11 @@ def write_report(results: Path, stem: str = "") -> Path:
             "(steps = round(S / bound)); at measured speed it is usually a little faster than "
             "the setting it matches, since caching does not reach its bound."
         )
-    lines.append(
-        "- **FirstBlockCache** is diffusers' eager hook (not compiled: it decides per call with "
-        "a device-to-host `.item()` behind `torch.compiler.disable`); thresholds "
-        f"{q_meta.get('fbc_thresholds', '?')} were picked on "
-        f"{q_meta.get('fbc_probe_samples', '?')} probe samples to land near the BlockDance "
-        "FLOP bounds. Its decision is one per batched call (the whole batch skips or not), so "
-        "it depends on the batch. Its measured speedup is against plain inductor although it "
-        "runs eager; the 'vs eager' column is its gain over its own baseline. "
-        + (f"Under Dynamo: {s_meta['fbc_dynamo']}." if s_meta.get("fbc_dynamo") else "")
-    )
+    fbc = q_meta.get("fbc_thresholds")
+    if isinstance(fbc, dict) and not any(fbc.values()):
+        lines.append("- **FirstBlockCache:** not run (`--fbc-thresholds` with no value).")
+    else:
+        lines.append(_fbc_note(q_meta, s_meta))
     for sc, entries in groups.items():
         lines += ["", f"## {sc}", "", "### What the data says", ""]
         lines += conclusions(sc, entries, measured)
