@@ -4,9 +4,11 @@
         --work blockdance-ada/run --minutes 30 --lam 2 [--dataset colour]
 
 Reward (Note [Ada reward]): ``R = C + lambda * Q`` with ``C`` the fraction of the steps after
-the decision step that reuse, and ``Q = clip(PSNR / 60 dB, 0, 1) * p(class)``: PSNR of the final
-sample against the all-compute sample of the same noise, times the reference classifier's
-probability of the requested class.
+the decision step that reuse, and ``Q = clip(PSNR / 60 dB, 0, 1) * k``: PSNR of the final
+sample against the all-compute sample of the same noise, times a class term ``k``: by default
+(``--class-term relative``) ``min(1, p(class | sample) / p(class | all-compute sample))`` with
+the reference classifier's probability of the requested class; ``--class-term product`` (the
+shipped MNIST policies) uses ``p(class | sample)`` itself.
 
 Note [Ada reward]
 SSIM against the all-compute output is the paper's consistency metric, but on this model it is
@@ -16,8 +18,14 @@ before quality mattered at all. PSNR (a log of the error) spreads the same setti
 54, 47, 44 dB, so ``PSNR / 60`` moves by ~0.1 per N: lambda around 2 trades them. The class
 probability multiplies it so that a sample that stops looking like its digit loses its quality
 reward however close its pixels are on average; it is ~1 for every static setting here, so it
-only guards against collapse. The baseline is the mean reward of the draws of the same noise
-(a mean-reward baseline per instance, which also removes the instance's difficulty).
+only guards against collapse. On the colour model (classifier accuracy 0.69, p(class) of the
+all-compute samples from 0.15 to 0.99 by class) the plain product taught the policies to reuse
+most on the samples the classifier does not recognise anyway (correlation of a sample's reuse
+with its all-compute p(class): -0.6): their quality reward was worth less. Dividing by the
+all-compute sample's own p(class) keeps the guard (a sample that loses class evidence relative
+to what full compute gives) and weighs every sample's PSNR alike. The baseline is the mean
+reward of the draws of the same noise (a mean-reward baseline per instance, which also removes
+the instance's difficulty).
 
 Training data: a pool of noises (seeds, labels ``i % classes``) whose steps up to the decision step
 and all-compute finals are computed once and kept in the work folder; each iteration draws
@@ -49,15 +57,24 @@ logger = logging.getLogger(__name__)
 PSNR_SCALE = 60.0
 
 
-def quality(
-    classifier: Any, x: torch.Tensor, full: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Q, PSNR, p(class))`` per sample (Note [Ada reward])."""
-    img, ref = x.clamp(-1, 1), full.clamp(-1, 1)
-    db = psnr(img, ref).clamp(max=100.0).float()
+def class_probability(classifier: Any, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        p = classifier(img).softmax(-1).gather(1, labels[:, None]).squeeze(1)
-    return (db / PSNR_SCALE).clamp(0, 1) * p, db, p
+        return classifier(x.clamp(-1, 1)).softmax(-1).gather(1, labels[:, None]).squeeze(1)
+
+
+def quality(
+    classifier: Any,
+    x: torch.Tensor,
+    full: torch.Tensor,
+    labels: torch.Tensor,
+    p_full: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Q, PSNR, p(class))`` per sample (Note [Ada reward]); with ``p_full`` (the all-compute
+    samples' p(class)) the class term is relative to it."""
+    db = psnr(x.clamp(-1, 1), full.clamp(-1, 1)).clamp(max=100.0).float()
+    p = class_probability(classifier, x, labels)
+    k = p if p_full is None else (p / p_full.clamp_min(1e-6)).clamp(max=1.0)
+    return (db / PSNR_SCALE).clamp(0, 1) * k, db, p
 
 
 def build_pool(sampler: Sampler, n: int, seed: int, chunk: int) -> dict[str, torch.Tensor]:
@@ -117,6 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lam", type=float, default=2.0, help="lambda of R = C + lambda Q")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--entropy", type=float, default=0.01, help="bonus per bin (keeps exploring)")
+    ap.add_argument(
+        "--class-term",
+        choices=("relative", "product"),
+        default="relative",
+        help="Q's class factor: p(class) relative to the all-compute sample's, or p(class)",
+    )
     ap.add_argument("--states", type=int, default=8, help="pool entries per iteration")
     ap.add_argument("--draws", type=int, default=2, help="decision draws per pool entry")
     ap.add_argument("--pool", type=int, default=256)
@@ -181,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         log(f"resumed at iteration {it} ({spent / 60:.1f} min spent before)")
 
     feats_all = stats_features(pool["stats"])
+    p_full = None
+    if args.class_term == "relative":
+        p_full = class_probability(classifier, pool["full"], pool["labels"])
     k = sampler.decision_step
     used = sorted(set(bins_of_steps))
 
@@ -200,7 +226,10 @@ def main(argv: list[str] | None = None) -> None:
         probs = torch.sigmoid(logits)
         compute = torch.bernoulli(probs.detach(), generator=gen).bool()
         x, c = rollout(sampler, pool, idx, compute, bins_of_steps)
-        q, db, pc = quality(classifier, x, pool["full"][idx], pool["labels"][idx])
+        q, db, pc = quality(
+            classifier, x, pool["full"][idx], pool["labels"][idx],
+            None if p_full is None else p_full[idx],
+        )  # fmt: skip
         reward = c + args.lam * q
         base = reward.reshape(args.draws, args.states).mean(0).repeat(args.draws)
         adv = reward - base
@@ -245,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         hidden=args.hidden,
         model=ref.describe(),
         trained={
-            "reward": f"C + lambda * clip(PSNR/{PSNR_SCALE:g} dB, 0, 1) * p(class)",
+            "reward": f"C + lambda * clip(PSNR/{PSNR_SCALE:g} dB, 0, 1) * "
+            + ("p(class)" if p_full is None else "min(1, p(class) / p(class | all-compute))"),
             "lambda": args.lam,
             "iterations": it,
             "minutes": round(spent / 60, 1),
