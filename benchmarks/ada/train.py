@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         state = torch.load(ckpt, weights_only=False)
         if state["lam"] != args.lam:
             raise SystemExit(f"{ckpt} was trained with lambda {state['lam']}, not {args.lam}")
+        if state.get("class_term", "product") != args.class_term:  # older: always product
+            raise SystemExit(
+                f"{ckpt} was trained with --class-term {state.get('class_term', 'product')}, "
+                f"not {args.class_term}"
+            )
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
@@ -213,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     def checkpoint() -> None:
         torch.save(
             {"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-             "curve": curve, "it": it, "spent": spent, "lam": args.lam},
+             "curve": curve, "it": it, "spent": spent, "lam": args.lam,
+             "class_term": args.class_term},
             ckpt,
         )  # fmt: skip
 
