@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bd_compile.ada import sample_rows
 from benchmarks.ada import reference
 from benchmarks.common import log, machine, write_csv
 from benchmarks.quality.plan import seeded_inputs
@@ -96,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     reference.add_arguments(ap)
     ap.add_argument("--batch", type=int, default=8, help="samples per call (2 rows each)")
-    ap.add_argument("--computing", type=int, nargs="+", default=None, help="default 1, B/4, B/2")
+    ap.add_argument(
+        "--computing", type=int, nargs="+", default=None, help="default 1, B/4, B/2, 3B/4"
+    )
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--tag", default=None, help="default: the dataset")
     args = ap.parse_args(argv)
@@ -110,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     region = Region(list(ref.model.transformer_blocks[: ref.cache_block + 1])).eval()
     h, t, y = block_inputs(ref, b)
     cached = region(h, t, y).detach()
+    _, sample_of_row = sample_rows(2 * b, "cfg")  # rows [cond; uncond]: sample i is i and b + i
+
+    def computing_rows(k: int) -> torch.Tensor:
+        """The rows of samples ``0..k-1`` (the ones that compute)."""
+        return (sample_of_row < k).nonzero().flatten()
 
     def compiled(dynamic: bool) -> Any:
         return torch.compile(copy.deepcopy(region), backend="inductor", dynamic=dynamic)
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         whole(h, t, y)  # compile
         for k in ks:
             static[k] = compiled(False)
-            idx = torch.cat([torch.arange(k), b + torch.arange(k)])  # sample i: rows i, b + i
+            idx = computing_rows(k)
             t0 = time.perf_counter()
             static[k](h[idx], t[idx], y[idx])
             compile_s[k] = time.perf_counter() - t0
@@ -132,16 +140,15 @@ def main(argv: list[str] | None = None) -> None:
         log(f"compiled: region at {2 * b} rows, at {[2 * k for k in ks]} rows, one dynamic")
 
         def mixed_whole(k: int) -> Callable[[], Any]:
-            keep = torch.ones(2 * b, dtype=torch.bool)
-            keep[:k], keep[b : b + k] = False, False  # the first k samples compute
+            keep = (sample_of_row >= k).view(-1, 1, 1)  # the first k samples compute
 
             def fn() -> Any:
-                return torch.where(keep.view(-1, 1, 1), cached, whole(h, t, y))
+                return torch.where(keep, cached, whole(h, t, y))
 
             return fn
 
         def rows_only(fn_k: Any, k: int) -> Callable[[], Any]:
-            idx = torch.cat([torch.arange(k), b + torch.arange(k)])
+            idx = computing_rows(k)
 
             def fn() -> Any:
                 out = cached.clone()
@@ -160,8 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"repeat {r + 1}/{args.repeats}")
     rows = []
     for k in ks:
-        med = {name: statistics.median(times[(name, k)]) for name in ("whole", "static")}
-        med.update({name: statistics.median(times[(name, k)]) for name in rows_fns})
+        med = {name: statistics.median(ts) for (name, kk), ts in times.items() if kk == k}
         rows.append(
             Row(
                 computing_samples=k,

@@ -195,13 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = work / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["lam"] != args.lam:
-            raise SystemExit(f"{ckpt} was trained with lambda {state['lam']}, not {args.lam}")
-        if state.get("class_term", "product") != args.class_term:  # older: always product
-            raise SystemExit(
-                f"{ckpt} was trained with --class-term {state.get('class_term', 'product')}, "
-                f"not {args.class_term}"
-            )
+        state.setdefault("class_term", "product")  # checkpoints from before --class-term
+        for option in ("lam", "class_term"):
+            if state[option] != getattr(args, option):
+                raise SystemExit(
+                    f"{ckpt} was trained with --{option.replace('_', '-')} {state[option]}, "
+                    f"not {getattr(args, option)}"
+                )
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
