@@ -76,10 +76,19 @@ def set_schedule(model: Model | None = None, **options: Any) -> None:
         state.set_settings(state.settings.replace(**options))
 
 
-def reset(model: Model | None = None) -> None:
-    """Drop every cache and loop position of ``model`` (all models if ``None``)."""
+#: ``reset``'s default key: every key
+_EVERY_KEY: Any = object()
+
+
+def reset(model: Model | None = None, key: Hashable = _EVERY_KEY) -> None:
+    """Drop every cache and loop position of ``model`` (all models if ``None``); with ``key``,
+    only that key's (e.g. a request stepped with ``generation(model, key, resume=True)``): its
+    generation ends and its caches are freed."""
     for state in states_of(model):
-        state.reset()
+        if key is _EVERY_KEY:
+            state.reset()
+        else:
+            state.forget(key)
 
 
 def plan(timesteps: Sequence[float], **options: Any) -> list[bool]:
@@ -99,6 +108,7 @@ def generation(
     key: Hashable = None,
     timesteps: Sequence[float] | torch.Tensor | None = None,
     branches: int | None = None,
+    resume: bool = False,
 ) -> contextlib.AbstractContextManager[None]:
     """``with bd_compile.generation(model, key=..., timesteps=None):`` one explicit generation.
 
@@ -114,7 +124,15 @@ def generation(
     times the loop calls the model per step (1 for batched CFG, 2 for sequential CFG; default 1).
     Without ``timesteps``, a model compiled with the ``timesteps`` option counts that list's
     steps here too (and its ``branches`` option, unless ``branches`` is given).
+
+    ``resume=True`` is for step-level schedulers that step several requests in turn in one
+    thread (one block per call or per step): calls inside continue ``key``'s loop state, and
+    leaving the block does not end its generation. It ends by the automatic rules (a timestep
+    moving back, the ``timesteps`` list used up) or with ``bd_compile.reset(model, key=key)``,
+    which frees its caches.
     """
+    if not isinstance(resume, bool):
+        raise ValueError(f"bd_compile.generation: expected resume as a bool, got {resume!r}")
     try:
         hash(key)
     except TypeError:
@@ -143,7 +161,7 @@ def generation(
         )
     if not compiled_with_blockdance(model):
         _require(model)  # raises unless the model has blockdance graphs
-    return generation_of(getattr(model, "_orig_mod", model), key, steps, branches)
+    return generation_of(getattr(model, "_orig_mod", model), key, steps, branches, resume)
 
 
 def compiled_with_blockdance(model: Model) -> bool:
@@ -222,6 +240,12 @@ class Explanation:
         lines: list[str] = []
         k = 0
         for state in self.states:
+            if not state.graphs():
+                lines.append(
+                    "no graph of this model was rewritten: each fell back to the inner compiler "
+                    "unchanged (the warning says why); nothing is cached or reused"
+                )
+                continue
             for r in state.graphs():
                 lay = r.layout
                 lines.append(f"graph {k}: {len(lay.blocks)} transformer blocks (execution order)")

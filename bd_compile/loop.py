@@ -42,7 +42,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 from torch._dynamo.utils import counters
 
-from bd_compile.schedule import Schedule, TimestepSchedule, progress, schedule_for
+from bd_compile import counted
+from bd_compile.schedule import (
+    ProgressSchedule,
+    Schedule,
+    TimestepSchedule,
+    progress,
+    schedule_for,
+)
 from bd_compile.settings import Settings
 
 if TYPE_CHECKING:
@@ -99,7 +106,7 @@ class GenerationStats:
 
 
 @dataclass
-class _Generation:
+class Generation:
     """The mutable record of the running generation of one key."""
 
     number: int
@@ -113,7 +120,8 @@ class _Generation:
     step_may_reuse: bool = False
     calls_at_step: dict[LayoutKey, int] = field(default_factory=dict)
     slots: dict[tuple[LayoutKey, int], Slot] = field(default_factory=dict)
-    step_reused: list[bool] = field(default_factory=list)
+    #: per step: whether every call of a rewritten graph reused (None: no such call yet)
+    step_reused: list[bool | None] = field(default_factory=list)
     calls: int = 0
     reused_calls: int = 0
     peak_bytes: int = 0
@@ -121,7 +129,7 @@ class _Generation:
     ada: Decision | None = None
 
     def stats(self, key: Hashable) -> GenerationStats:
-        pattern = "".join("R" if r else "C" for r in self.step_reused)
+        pattern = "".join("R" if r else "C" for r in self.step_reused if r is not None)
         samples = tuple("".join(p) for p in self.ada.patterns) if self.ada is not None else ()
         return GenerationStats(
             key, self.number, pattern, self.calls, self.reused_calls, self.peak_bytes, samples
@@ -141,8 +149,8 @@ class _Generation:
 class KeyState:
     """The loop position of one generation key: its running generation, if any.
 
-    With ``timesteps`` (an explicit generation that knows its steps) the step is counted on the
-    host, never read from the timestep tensor (Note [Counted steps])."""
+    With ``timesteps`` the step is counted on the host, not read from the timestep tensor
+    (Note [Counted steps] in ``counted.py``), except while the key is being checked."""
 
     def __init__(
         self,
@@ -154,13 +162,24 @@ class KeyState:
         self.key, self.explicit = key, explicit
         self.timesteps = tuple(timesteps) if timesteps is not None else None
         self.branches = branches
-        self.generation: _Generation | None = None
+        #: what the loop said (``counted.prepare`` may correct ``timesteps`` and ``branches``)
+        self.said: counted.Said = (self.timesteps, branches)
+        #: reading each call's timestep to check the counting (Note [Counted steps check
+        #: themselves]); ``extra_calls``: more calls per step seen than said, warning pending
+        self.checking = False
+        self.extra_calls = False
+        self.generation: Generation | None = None
         self.number = 0
         self.warned = False
 
     @property
     def counts_steps(self) -> bool:
         return self.timesteps is not None
+
+    @property
+    def reads_timestep(self) -> bool:
+        """Whether calls read their timestep on the host: uncounted, or being checked."""
+        return self.timesteps is None or self.checking
 
 
 class LoopState:
@@ -173,6 +192,8 @@ class LoopState:
         self.finished: deque[GenerationStats] = deque(maxlen=HISTORY)
         self._keys: dict[Hashable, KeyState] = {}
         self._lock = threading.Lock()
+        #: what checking counted keys found, per what they said (``counted.prepare``)
+        self.learned: dict[counted.Said, counted.Said] = {}
         #: BlockDance-Ada: the policy driving this model, if ``settings.policy`` fits its graphs
         self.ada: Policy | None = None
         self._ada_warned: set[str] = set()
@@ -212,6 +233,7 @@ class LoopState:
         self.resolve_policy(settings)
         self.settings = settings
         self.restart()
+        self.learned.clear()
         with self._lock:  # automatic states take the new ``timesteps`` at their next call
             self._keys = {k: ks for k, ks in self._keys.items() if ks.explicit}
 
@@ -270,6 +292,7 @@ class LoopState:
             if ks is None:
                 s = self.settings
                 ks = self._keys[key] = KeyState(key, False, s.timesteps, s.branches)
+                counted.prepare(self, ks)
             return ks
 
     def open(
@@ -277,17 +300,47 @@ class LoopState:
     ) -> KeyState:
         """Start an explicit generation of ``key`` (``bd_compile.generation``); without
         ``timesteps`` it takes the ``timesteps`` option's (and ``branches``, unless given)."""
+        ks = self._key(key, True, timesteps, branches)
+        with self._lock:
+            previous, self._keys[key] = self._keys.get(key), ks
+        if previous is not None:
+            self._end(previous)
+        self.begin(ks)
+        return ks
+
+    def resume(
+        self, key: Hashable, timesteps: Sequence[float] | None, branches: int | None = None
+    ) -> KeyState:
+        """The running loop state of ``key`` (``generation(model, key, resume=True)``), or a
+        new one: its generations start and end by the automatic rules, not by blocks."""
+        ks = self._key(key, False, timesteps, branches)
+        with self._lock:
+            previous = self._keys.get(key)
+            if previous is not None and not previous.explicit and previous.said == ks.said:
+                return previous
+            self._keys[key] = ks
+        if previous is not None:
+            self._end(previous)
+        return ks
+
+    def _key(
+        self, key: Hashable, explicit: bool, timesteps: Sequence[float] | None, branches: int | None
+    ) -> KeyState:
+        """A new key state; without ``timesteps`` it takes the ``timesteps`` option's (and
+        ``branches``, unless given)."""
         if timesteps is None and self.settings.timesteps is not None:
             timesteps = self.settings.timesteps
             branches = branches if branches is not None else self.settings.branches
-        branches = branches if branches is not None else 1
-        with self._lock:
-            previous = self._keys.get(key)
-            ks = self._keys[key] = KeyState(key, True, timesteps, branches)
-        if previous is not None:
-            self._end(previous)
-        self._begin(ks)
+        ks = KeyState(key, explicit, timesteps, branches if branches is not None else 1)
+        counted.prepare(self, ks)
         return ks
+
+    def forget(self, key: Hashable) -> None:
+        """End ``key``'s generation and free its caches (``bd_compile.reset(model, key=k)``)."""
+        with self._lock:
+            ks = self._keys.pop(key, None)
+        if ks is not None:
+            self._end(ks)
 
     def close(self, ks: KeyState) -> None:
         self._end(ks)
@@ -296,20 +349,23 @@ class LoopState:
                 del self._keys[ks.key]
 
     def _schedule(self, ks: KeyState) -> Schedule:
+        s = self.settings
         if ks.timesteps is not None:
-            s = self.settings
             return TimestepSchedule(ks.timesteps, s.window, s.interval)
-        return schedule_for(self.settings)
+        if s.timesteps is not None:  # the list did not fit this key's loop (counted.py)
+            return ProgressSchedule(s.window, s.interval)
+        return schedule_for(s)
 
-    def _begin(self, ks: KeyState) -> _Generation:
+    def begin(self, ks: KeyState) -> Generation:
         self._end(ks)
         ks.number += 1
         schedule = self._schedule(ks)
         schedule.start()
-        ks.generation = _Generation(ks.number, schedule)
+        ks.generation = Generation(ks.number, schedule)
         return ks.generation
 
     def _end(self, ks: KeyState) -> None:
+        counted.checked(self, ks)
         gen, ks.generation = ks.generation, None
         if gen is not None and gen.calls:
             self.finished.append(gen.stats(ks.key))
@@ -328,8 +384,9 @@ class LoopState:
         with self._lock:
             self._keys.clear()
         self.finished.clear()
+        self.learned.clear()
 
-    def running_generations(self) -> list[_Generation]:
+    def running_generations(self) -> list[Generation]:
         with self._lock:
             states = list(self._keys.values())
         return [ks.generation for ks in states if ks.generation is not None]
@@ -337,7 +394,9 @@ class LoopState:
     def running(self) -> list[GenerationStats]:
         with self._lock:
             states = [ks for ks in self._keys.values() if ks.generation is not None]
-        return [ks.generation.stats(ks.key) for ks in states if ks.generation is not None]
+        gens = [(ks.key, ks.generation) for ks in states]
+        # a generation no rewritten graph was called in (every graph fell back) did nothing
+        return [gen.stats(key) for key, gen in gens if gen is not None and gen.calls]
 
     def cache_bytes(self) -> int:
         return sum(gen.cache_bytes() for gen in self.running_generations())
@@ -350,80 +409,44 @@ class LoopState:
             if self.belongs_to(entry.owner):
                 opened = entry.opened.get(id(self))
                 if opened is None:  # the block's first call of this model: open it now
-                    ks = self.open(entry.key, entry.timesteps, entry.branches)
+                    start = self.resume if entry.resume else self.open
+                    ks = start(entry.key, entry.timesteps, entry.branches)
                     opened = entry.opened[id(self)] = (self, ks)
                 return opened[1]
         return self.key_state(None)
 
-    def advance(self, ks: KeyState, layout: LayoutKey, t: float | None) -> tuple[_Generation, int]:
+    def advance(self, ks: KeyState, layout: LayoutKey, t: float | None) -> tuple[Generation, int]:
         """Place a call with timestep ``t`` (``None``: a graph without a timestep input) in the
         loop; returns the generation and the call's branch index among the calls of graphs with
         ``layout`` at this step."""
-        gen = ks.generation
         if ks.counts_steps:
-            return self._count(ks, layout)
+            return counted.count(self, ks, layout, t)
+        gen = ks.generation
         if t is None:
             if gen is None or gen.step < 0:  # nothing has read a timestep yet: compute
-                gen = gen or self._begin(ks)
-                self._new_step(gen, None)
+                gen = gen or self.begin(ks)
+                self.new_step(gen, None)
         elif gen is None or gen.last_t is None:
-            gen = gen or self._begin(ks)
+            gen = gen or self.begin(ks)
             gen.t0 = t
-            self._new_step(gen, t)
+            self.new_step(gen, t)
         elif t != gen.last_t:
             moved = 1 if t > gen.last_t else -1
             if not ks.explicit and gen.direction not in (0, moved):
-                gen = self._begin(ks)  # time moved against the loop's direction
+                gen = self.begin(ks)  # time moved against the loop's direction
                 gen.t0 = t
             elif gen.direction == 0:
                 gen.direction = moved
-            self._new_step(gen, t)
-        branch = gen.calls_at_step.get(layout, 0)
-        gen.calls_at_step[layout] = branch + 1
-        return gen, branch
-
-    # Note [Counted steps]
-    # Inside ``generation(model, timesteps=ts, branches=b)`` the runtime never reads the timestep
-    # tensor (on a GPU that is a device-to-host sync per call, which stalls the launch queue and
-    # rules out CUDA graphs). A graph's calls are counted instead: a call of a graph that has
-    # already been called ``b`` times in this step starts the next step (``b`` = calls of the
-    # model per step: 1 for batched CFG, 2 for sequential cond/uncond). Step ``i`` takes the
-    # paper's rule on ``ts`` and its progress from ``ts[i]``. In a ``generation`` block, calls
-    # past ``len(ts)`` steps compute (with one warning); with the ``timesteps`` option (no block)
-    # the call after ``len(ts)`` steps starts the next generation: a loop that runs another
-    # number of steps must say so (``generation`` or ``set_schedule(timesteps=...)``), since
-    # nothing else on this path can tell where a generation ends.
-    def _count(self, ks: KeyState, layout: LayoutKey) -> tuple[_Generation, int]:
-        assert ks.timesteps is not None
-        gen = ks.generation or self._begin(ks)
-        if gen.step < 0 or gen.calls_at_step.get(layout, 0) >= ks.branches:
-            ts = ks.timesteps
-            if gen.step + 1 >= len(ts) and not ks.explicit:
-                gen = self._begin(ks)
-            i = gen.step + 1
-            if i < len(ts):
-                gen.t0 = ts[0]
-                gen.direction = 0 if len(ts) < 2 or ts[1] == ts[0] else (1 if ts[1] > ts[0] else -1)
-                self._new_step(gen, ts[i])
-            else:
-                if not ks.warned:
-                    log.warning(
-                        "blockdance: generation %r was given %d timesteps but called for more "
-                        "steps; the extra steps compute",
-                        ks.key,
-                        len(ts),
-                    )
-                    ks.warned = True
-                self._new_step(gen, None)
+            self.new_step(gen, t)
         branch = gen.calls_at_step.get(layout, 0)
         gen.calls_at_step[layout] = branch + 1
         return gen, branch
 
     @staticmethod
-    def _new_step(gen: _Generation, t: float | None) -> None:
+    def new_step(gen: Generation, t: float | None) -> None:
         gen.step += 1
         gen.calls_at_step.clear()
-        gen.step_reused.append(True)  # until a call of the step computes
+        gen.step_reused.append(None)  # until a rewritten graph is called at this step
         if t is not None and gen.t0 is not None:
             gen.progress = progress(gen.t0, t, gen.direction)
             gen.step_may_reuse = gen.schedule.step(t, gen.progress)
@@ -434,15 +457,14 @@ class LoopState:
             gen.timed = False
 
     @staticmethod
-    def record(gen: _Generation, reused: bool) -> None:
+    def record(gen: Generation, reused: bool) -> None:
         gen.calls += 1
         gen.reused_calls += reused
-        if not reused:
-            gen.step_reused[-1] = False
+        gen.step_reused[-1] = reused and gen.step_reused[-1] is not False
         counters["blockdance"]["reuse_steps" if reused else "cache_steps"] += 1
 
     @staticmethod
-    def store(gen: _Generation, slot_key: tuple[LayoutKey, int], slot: Slot | None) -> None:
+    def store(gen: Generation, slot_key: tuple[LayoutKey, int], slot: Slot | None) -> None:
         if slot is None:
             gen.slots.pop(slot_key, None)
             return
@@ -460,6 +482,8 @@ class _Open:
     key: Hashable
     timesteps: tuple[float, ...] | None
     branches: int | None
+    #: ``generation(..., resume=True)``: continue the key's loop; leaving does not end it
+    resume: bool = False
     opened: dict[int, tuple[LoopState, KeyState]] = field(default_factory=dict)
 
 
@@ -470,18 +494,23 @@ _ACTIVE: contextvars.ContextVar[tuple[_Open, ...]] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def generation_of(
-    owner: torch.nn.Module, key: Hashable, timesteps: tuple[float, ...] | None, branches: int | None
+    owner: torch.nn.Module,
+    key: Hashable,
+    timesteps: tuple[float, ...] | None,
+    branches: int | None,
+    resume: bool = False,
 ) -> Iterator[None]:
     """Calls of ``owner`` inside the block use the loop state of ``key``; leaving the block ends
-    that generation on every loop state it was opened on."""
-    entry = _Open(owner, key, timesteps, branches)
+    that generation on every loop state it was opened on, unless ``resume``."""
+    entry = _Open(owner, key, timesteps, branches, resume)
     token = _ACTIVE.set((*_ACTIVE.get(), entry))
     try:
         yield
     finally:
         _ACTIVE.reset(token)
-        for state, ks in entry.opened.values():
-            state.close(ks)
+        if not resume:
+            for state, ks in entry.opened.values():
+                state.close(ks)
 
 
 # -- one state per model ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
-from bd_compile.loop import LoopState, Signature, Slot, _Generation
+from bd_compile.loop import Generation, LoopState, Signature, Slot
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class GraphRuntime:
         state = self.state
         ks = state.current()
         t = None
-        if self.timestep_index is not None and not ks.counts_steps:  # Note [Counted steps]
+        if self.timestep_index is not None and ks.reads_timestep:  # Note [Counted steps]
             t = read_timestep(args[self.timestep_index])
         gen, branch = state.advance(ks, self.layout_key, t)
         signature = self._signature(args)
@@ -213,7 +213,7 @@ class GraphRuntime:
 
     def _adaptive(
         self,
-        gen: _Generation,
+        gen: Generation,
         branch: int,
         slot_key: tuple[Any, int],
         slot: Slot | None,
@@ -291,6 +291,6 @@ class TimestepReader:
 
     def __call__(self, *args: Any) -> Any:
         ks = self.state.current()
-        t = None if ks.counts_steps else read_timestep(args[self.timestep_index])
+        t = read_timestep(args[self.timestep_index]) if ks.reads_timestep else None
         self.state.advance(ks, self.layout_key, t)
         return self.fn(*args)

@@ -227,36 +227,35 @@ def test_explain_uses_the_names_users_know() -> None:
     assert "l_timestep_" not in text and "hidden_states_" not in text
 
 
+def _fail_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_read(arg: object) -> float:
+        raise AssertionError("the timestep tensor was read on the counted-steps path")
+
+    monkeypatch.setattr(bd_compile.runtime, "read_timestep", no_read)
+
+
 @pytest.mark.parametrize(
     ("name", "cfg", "branches"), [("pixart", "sequential", 2), ("lumina2", "batched", 1)]
 )
 def test_counted_steps_never_read_the_timestep(
     name: str, cfg: zoo.CfgMode, branches: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Inside ``generation(timesteps=...)`` the step comes from a host counter: any read of the
-    timestep tensor (a device-to-host sync on GPU) fails this test."""
+    """Inside ``generation(timesteps=...)`` the step comes from a host counter: after the one
+    generation that checks what was said (Note [Counted steps check themselves]), any read of
+    the timestep tensor (a device-to-host sync on GPU) fails this test."""
     case, steps, window = zoo.get(name), 10, (0.2, 0.95)
     ts = model_timesteps(case, steps)
     plan = paper_plan(steps, window, 2)
     compiled = torch.compile(case.model, backend="blockdance", options={**AOT, "window": window})
-
-    def no_read(arg: object) -> float:
-        raise AssertionError("the timestep tensor was read on the counted-steps path")
-
-    monkeypatch.setattr(bd_compile.runtime, "read_timestep", no_read)
-    with bd_compile.generation(compiled, timesteps=ts, branches=branches):
-        got = zoo.run_loop(case, compiled, steps, cfg=cfg)
-    assert_reused()
-    assert bd_compile.stats(compiled).last.pattern == "".join("R" if r else "C" for r in plan)
     ref, _ = run_reference_loop(case, cache_block(case), plan, steps, cfg)
-    torch.testing.assert_close(got.latents, ref.latents, **TOL)
-
-
-def _fail_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_read(arg: object) -> float:
-        raise AssertionError("the timestep tensor was read on the counted-steps path")
-
-    monkeypatch.setattr(bd_compile.runtime, "read_timestep", no_read)
+    for checked in (True, False):
+        if not checked:
+            _fail_on_read(monkeypatch)
+        with bd_compile.generation(compiled, timesteps=ts, branches=branches):
+            got = zoo.run_loop(case, compiled, steps, cfg=cfg)
+        assert_reused()
+        assert bd_compile.stats(compiled).last.pattern == "".join("R" if r else "C" for r in plan)
+        torch.testing.assert_close(got.latents, ref.latents, **TOL)
 
 
 @pytest.mark.parametrize(("cfg", "branches"), [("sequential", 2), ("batched", 1)])
@@ -270,15 +269,24 @@ def test_the_timesteps_option_counts_steps_generation_after_generation(
     ts = model_timesteps(case, steps)
     options = {**AOT, "window": window, "timesteps": ts, "branches": branches}
     compiled = torch.compile(case.model, backend="blockdance", options=options)
-    _fail_on_read(monkeypatch)
-    first = zoo.run_loop(case, compiled, steps, cfg=cfg)
+    reads: list[float] = []
+    real = bd_compile.runtime.read_timestep
+    monkeypatch.setattr(
+        bd_compile.runtime, "read_timestep", lambda a: reads.append(real(a)) or real(a)
+    )
+    first = zoo.run_loop(case, compiled, steps, cfg=cfg)  # checked: reads every timestep
+    assert len(reads) == steps * branches
+    reads.clear()
     second = zoo.run_loop(case, compiled, steps, cfg=cfg, seed=1)
+    assert reads == [ts[0]]  # only its first call: did the loop start again, as counted?
+    _fail_on_read(monkeypatch)
+    third = zoo.run_loop(case, compiled, steps, cfg=cfg, seed=2)
     assert_reused()
     plan = paper_plan(steps, window, 2)
     expected = "".join("R" if r else "C" for r in plan)
     gens = bd_compile.stats(compiled).generations
-    assert [g.pattern for g in gens] == [expected, expected]
-    for got, seed in ((first, 0), (second, 1)):
+    assert [g.pattern for g in gens] == [expected] * 3
+    for got, seed in ((first, 0), (second, 1), (third, 2)):
         ref, _ = run_reference_loop(case, cache_block(case), plan, steps, cfg, seed=seed)
         torch.testing.assert_close(got.latents, ref.latents, **TOL)
 
@@ -289,13 +297,15 @@ def test_a_generation_block_takes_the_timesteps_option(monkeypatch: pytest.Monke
     ts = model_timesteps(case, steps)
     options = {**AOT, "window": window, "timesteps": ts, "branches": 2}
     compiled = torch.compile(case.model, backend="blockdance", options=options)
-    _fail_on_read(monkeypatch)
-    with bd_compile.generation(compiled, key="request"):
-        got = zoo.run_loop(case, compiled, steps, cfg="sequential")
     plan = paper_plan(steps, window, 2)
-    assert bd_compile.stats(compiled).last.pattern == "".join("R" if r else "C" for r in plan)
     ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "sequential")
-    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+    for key in ("checked", "request"):
+        if key == "request":
+            _fail_on_read(monkeypatch)  # the option's list was checked in the first block
+        with bd_compile.generation(compiled, key=key):
+            got = zoo.run_loop(case, compiled, steps, cfg="sequential")
+        assert bd_compile.stats(compiled).last.pattern == "".join("R" if r else "C" for r in plan)
+        torch.testing.assert_close(got.latents, ref.latents, **TOL)
 
 
 def test_branches_needs_timesteps() -> None:

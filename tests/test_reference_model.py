@@ -60,8 +60,11 @@ def test_shipped_weights_load_offline_and_run_a_forward() -> None:
 def test_adaln_zero_init_makes_the_model_predict_zero() -> None:
     model = build_dit(num_layers=2, num_attention_heads=2, attention_head_dim=8)
     init_dit_weights(model)
-    out = model(torch.randn(3, 1, 28, 28), timestep=torch.tensor([1, 500, 999]),
-                class_labels=torch.tensor([0, 5, NULL_CLASS])).sample
+    out = model(
+        torch.randn(3, 1, 28, 28),
+        timestep=torch.tensor([1, 500, 999]),
+        class_labels=torch.tensor([0, 5, NULL_CLASS]),
+    ).sample
     assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -100,8 +103,13 @@ def test_batched_cfg_sampling_equals_separate_cond_and_uncond_passes() -> None:
 def test_dpm_solver_samples_the_same_model() -> None:
     model = _tiny_model().eval()
     sched = make_sampler(make_train_scheduler().config, "dpm")
-    out = sample(model, sched, torch.tensor([0, 9]), num_inference_steps=3,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        model,
+        sched,
+        torch.tensor([0, 9]),
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.shape == (2, 1, 28, 28) and torch.isfinite(out).all()
 
 
@@ -111,14 +119,37 @@ def test_tiny_training_run_writes_artifacts_that_reload(tmp_path: Path) -> None:
     from benchmarks.reference.train import main
 
     out, ckpt = tmp_path / "model", tmp_path / "ckpt"
-    result = main([
-        "--tiny", "--max-steps", "60", "--log-every", "10", "--sample-steps", "3",
-        "--samples-per-class", "2", "--num-threads", "1", "--out", str(out),
-        "--checkpoint-dir", str(ckpt), "--classifier", "none",
-    ])
+    result = main(
+        [
+            "--tiny",
+            "--max-steps",
+            "60",
+            "--log-every",
+            "10",
+            "--sample-steps",
+            "3",
+            "--samples-per-class",
+            "2",
+            "--num-threads",
+            "1",
+            "--out",
+            str(out),
+            "--checkpoint-dir",
+            str(ckpt),
+            "--classifier",
+            "none",
+        ]
+    )
     assert result.steps == 60
-    for name in ("config.json", "diffusion_pytorch_model.safetensors", "loss.csv", "loss.png",
-                 "samples.png", "training.json", "scheduler/scheduler_config.json"):
+    for name in (
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "loss.csv",
+        "loss.png",
+        "samples.png",
+        "training.json",
+        "scheduler/scheduler_config.json",
+    ):
         assert (out / name).is_file(), name
     assert (ckpt / "state.pt").is_file()
     with (out / "loss.csv").open() as f:
@@ -139,14 +170,53 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path: Path) -> None:
 
     from benchmarks.reference.train import main
 
-    common = ["--tiny", "--sample-steps", "1", "--samples-per-class", "1", "--num-threads", "1",
-              "--classifier", "none", "--log-every", "10"]
-    main([*common, "--max-steps", "20", "--out", str(tmp_path / "a"),
-          "--checkpoint-dir", str(tmp_path / "ca")])
-    main([*common, "--max-steps", "12", "--out", str(tmp_path / "b"),
-          "--checkpoint-dir", str(tmp_path / "cb")])
-    main([*common, "--max-steps", "20", "--resume", "--out", str(tmp_path / "b"),
-          "--checkpoint-dir", str(tmp_path / "cb")])
+    common = [
+        "--tiny",
+        "--sample-steps",
+        "1",
+        "--samples-per-class",
+        "1",
+        "--num-threads",
+        "1",
+        "--classifier",
+        "none",
+        "--log-every",
+        "10",
+    ]
+    main(
+        [
+            *common,
+            "--max-steps",
+            "20",
+            "--out",
+            str(tmp_path / "a"),
+            "--checkpoint-dir",
+            str(tmp_path / "ca"),
+        ]
+    )
+    main(
+        [
+            *common,
+            "--max-steps",
+            "12",
+            "--out",
+            str(tmp_path / "b"),
+            "--checkpoint-dir",
+            str(tmp_path / "cb"),
+        ]
+    )
+    main(
+        [
+            *common,
+            "--max-steps",
+            "20",
+            "--resume",
+            "--out",
+            str(tmp_path / "b"),
+            "--checkpoint-dir",
+            str(tmp_path / "cb"),
+        ]
+    )
     a = load_file(str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -827,6 +827,31 @@ def run_loop(
         model.requires_grad_(False)
 
 
+def stepwise(
+    case: ZooCase,
+    model_callable: Callable[..., Any],
+    steps: int,
+    *,
+    cfg: CfgMode,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+    batch: int = 1,
+) -> Iterator[LoopResult | None]:
+    """`run_loop`'s loop one step per ``next()`` (a step-level scheduler's view: the caller
+    decides what runs between steps); yields ``None`` after each step, then the result. The
+    caller sets grad mode around each ``next()`` (a generator cannot keep it)."""
+    result: LoopResult | None = None
+
+    def done(r: LoopResult) -> None:
+        nonlocal result
+        result = r
+
+    yield from _steps(
+        case, model_callable, steps, cfg, guidance_scale, seed, batch, None, None, None, done
+    )
+    yield result
+
+
 def _loop(
     case: ZooCase,
     model_callable: Callable[..., Any],
@@ -839,6 +864,28 @@ def _loop(
     before_call: Callable[[CallInfo], None] | None,
     after_call: Callable[[], None] | None,
 ) -> LoopResult:
+    result: list[LoopResult] = []
+    for _ in _steps(
+        case, model_callable, steps, cfg, guidance_scale, seed, batch, timesteps,
+        before_call, after_call, result.append,
+    ):  # fmt: skip
+        pass
+    return result[0]
+
+
+def _steps(
+    case: ZooCase,
+    model_callable: Callable[..., Any],
+    steps: int,
+    cfg: CfgMode,
+    guidance_scale: float,
+    seed: int,
+    batch: int,
+    timesteps: Sequence[float] | None,
+    before_call: Callable[[CallInfo], None] | None,
+    after_call: Callable[[], None] | None,
+    done: Callable[[LoopResult], None],
+) -> Iterator[None]:
     scheduler = case.make_scheduler()
     _set_timesteps(scheduler, steps, timesteps)
     gen = torch.Generator().manual_seed(seed)
@@ -874,5 +921,6 @@ def _loop(
             pred_u = call(x, t, uncond, CallInfo(i, t, UNCOND))
             pred = pred_u + guidance_scale * (pred_c - pred_u)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        yield
     result.latents = latents.detach()
-    return result
+    done(result)
