@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 import reference
 import torch
 import zoo
+from ada_testing import BINS, bias_policy, policy_meta, policy_plan
 from torch._dynamo.utils import counters
 
 import bd_compile
@@ -20,53 +20,7 @@ from bd_compile import ada
 from bd_compile.ada import DecisionNet, PolicyMeta, load_policy, save_policy
 
 STEPS = 10
-RHO = 0.4
-BINS = 8
 SCALE = 3.0
-
-
-def _meta(case: zoo.ZooCase, **changes: Any) -> PolicyMeta:
-    cb = bd_testing.cache_block(case)
-    base: dict[str, Any] = {
-        "blocks": len(case.blocks()),
-        "cache_block": cb,
-        "cached_name": f"stages.{cb} output",
-        "width": 48,
-        "cached_shape": (16, 48),
-        "rho": RHO,
-        "bins": BINS,
-        "hidden": 4,
-        "model": "zoo_dit (test)",
-    }
-    return PolicyMeta(**{**base, **changes})
-
-
-def _bias_policy(tmp_path: Path, case: zoo.ZooCase, compute_bins: list[bool], **meta: Any) -> str:
-    """A policy whose decision ignores the state: cache step in bin b iff compute_bins[b]."""
-    net = DecisionNet(48, BINS, 4)
-    with torch.no_grad():
-        net.fc2.weight.zero_()
-        net.fc2.bias.copy_(torch.tensor([5.0 if c else -5.0 for c in compute_bins]))
-    path = tmp_path / "bias.safetensors"
-    save_policy(path, net, _meta(case, **meta))
-    return str(path)
-
-
-def _bins(timesteps: list[float]) -> list[int | None]:
-    """Each step's bin, written out independently of bd_compile.ada (None before rho)."""
-    out: list[int | None] = []
-    for p in reference.progress_values(timesteps):
-        out.append(None if p < RHO else min(BINS - 1, math.floor((p - RHO) / (1 - RHO) * BINS)))
-    return out
-
-
-def _expected_plan(timesteps: list[float], compute_bins: list[bool]) -> list[bool]:
-    """Reuse per step: compute up to and including the first step at rho, then the bins."""
-    plan, decided = [], False
-    for b in _bins(timesteps):
-        plan.append(decided and b is not None and not compute_bins[b])
-        decided = decided or b is not None
-    return plan
 
 
 def _compile(case: zoo.ZooCase, **options: Any) -> Any:
@@ -79,7 +33,7 @@ def _compile(case: zoo.ZooCase, **options: Any) -> Any:
 def test_policy_file_round_trip(tmp_path: Path) -> None:
     case = zoo.get("zoo_dit")
     net = DecisionNet(48, BINS, 4)
-    meta = _meta(case, trained={"lambda": 2.0})
+    meta = policy_meta(case, trained={"lambda": 2.0})
     save_policy(tmp_path / "p.safetensors", net, meta)
     policy = load_policy(tmp_path / "p.safetensors")
     assert policy.meta == meta
@@ -101,7 +55,7 @@ def test_missing_or_corrupt_policy_file_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="metadata"):
         load_policy(plain)
     wrong = tmp_path / "wrong.safetensors"
-    save_policy(wrong, DecisionNet(32, BINS, 4), _meta(zoo.get("zoo_dit")))  # says width 48
+    save_policy(wrong, DecisionNet(32, BINS, 4), policy_meta(zoo.get("zoo_dit")))  # says width 48
     with pytest.raises(ValueError, match="DecisionNet"):
         load_policy(wrong)
 
@@ -133,9 +87,9 @@ def test_bias_policy_gives_its_pattern_and_matches_the_reference(
     independent eager reference driven by that plan."""
     case = zoo.build("zoo_dit")
     compute_bins = [True, False, False, True, False, True, False, True]
-    path = _bias_policy(tmp_path, case, compute_bins)
+    path = bias_policy(tmp_path, case, compute_bins)
     ts = bd_testing.model_timesteps(case, STEPS)
-    plan = _expected_plan(ts, compute_bins)
+    plan = policy_plan(ts, compute_bins)
     rows = "cfg" if cfg == "batched" else "each"
     model = _compile(case, policy=path, policy_rows=rows)
     counters.clear()
@@ -199,7 +153,7 @@ def _splitting_policy(
                 sign = 1.0 if who == "0" else -1.0
                 net.fc2.weight[b, 0], net.fc2.weight[b, 1] = 50 * sign, -50 * sign
     path = tmp_path / "split.safetensors"
-    save_policy(path, net, _meta(case))
+    save_policy(path, net, policy_meta(case))
     return str(path)
 
 
@@ -214,7 +168,7 @@ def test_samples_in_a_batch_decide_apart_and_equal_each_sample_alone(
     seen: list[torch.Tensor] = []
     pooled = ada.pooled_stats
     monkeypatch.setattr(ada, "pooled_stats", lambda h, r: seen.append(pooled(h, r)) or seen[-1])
-    spy = _compile(case, policy=_bias_policy(tmp_path, case, [True] * BINS))
+    spy = _compile(case, policy=bias_policy(tmp_path, case, [True] * BINS))
     _ddim_loop(case, spy, noise, labels)
     (stats,) = seen
     assert stats.shape == (2, 2 * 48 + 1)
@@ -230,7 +184,7 @@ def test_samples_in_a_batch_decide_apart_and_equal_each_sample_alone(
     counters.clear()
     both = _ddim_loop(case, model, noise, labels)
     expected = [
-        bd_testing.pattern(_expected_plan(ts, [w in ("both", str(s)) for w in plan_bins]))
+        bd_testing.pattern(policy_plan(ts, [w in ("both", str(s)) for w in plan_bins]))
         for s in (0, 1)
     ]
     assert bd_compile.stats(model).last.samples == tuple(expected)
@@ -313,7 +267,7 @@ def test_policy_for_another_model_falls_back_with_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     case = zoo.build("zoo_dit")
-    path = _bias_policy(tmp_path, case, [False] * BINS, blocks=12)
+    path = bias_policy(tmp_path, case, [False] * BINS, blocks=12)
     model = _compile(case, policy=path)
     counters.clear()
     with caplog.at_level(logging.WARNING, logger="bd_compile"):
@@ -333,7 +287,7 @@ def test_policy_for_another_model_falls_back_with_one_warning(
 
 def test_policy_for_another_model_raises_under_strict(tmp_path: Path) -> None:
     case = zoo.build("zoo_dit")
-    path = _bias_policy(tmp_path, case, [False] * BINS, cache_block=1)
+    path = bias_policy(tmp_path, case, [False] * BINS, cache_block=1)
     model = _compile(case, policy=path, strict=True)
     with pytest.raises(Exception, match="trained for another model"):
         model(**case.example_inputs(batch=2))
@@ -342,16 +296,14 @@ def test_policy_for_another_model_raises_under_strict(tmp_path: Path) -> None:
 def test_set_schedule_policy_does_not_recompile(tmp_path: Path) -> None:
     case = zoo.build("zoo_dit")
     compute_bins = [True, False] * (BINS // 2)
-    path = _bias_policy(tmp_path, case, compute_bins)
+    path = bias_policy(tmp_path, case, compute_bins)
     model = _compile(case)
     counters.clear()
     zoo.run_loop(case, model, STEPS, cfg="batched", batch=2)
     bd_compile.set_schedule(model, policy=path)
     zoo.run_loop(case, model, STEPS, cfg="batched", batch=2)
     ts = bd_testing.model_timesteps(case, STEPS)
-    assert bd_compile.stats(model).last.pattern == bd_testing.pattern(
-        _expected_plan(ts, compute_bins)
-    )
+    assert bd_compile.stats(model).last.pattern == bd_testing.pattern(policy_plan(ts, compute_bins))
     bd_compile.set_schedule(model, policy=None)
     zoo.run_loop(case, model, STEPS, cfg="batched", batch=2)
     assert bd_compile.stats(model).last.samples == ()
