@@ -118,18 +118,24 @@ def test_a_second_batch_size_stays_cached() -> None:
     assert_rewritten_and_reused(3 * sum(plan))
 
 
-def test_a_shape_change_inside_a_generation_never_reads_another_shapes_cache() -> None:
+@pytest.mark.parametrize("batches", [(2, 3), (1, 3)], ids=["2-to-3", "1-to-3-broadcasts"])
+def test_a_shape_change_inside_a_generation_never_reads_another_shapes_cache(
+    batches: tuple[int, int],
+) -> None:
+    """A batch-1 cache would broadcast silently into a batch-3 tail: only the signature check
+    keeps it out."""
     case = zoo.get("zoo_dit")
     mask = torch.ones(1000, dtype=torch.bool)
     compiled = torch.compile(
         case.model, backend="blockdance", dynamic=True, options={**AOT, "schedule": mask}
     )
     t = torch.tensor([900, 800, 700])
-    a, b = case.example_inputs(batch=2), case.example_inputs(batch=3)
+    n, m = batches
+    a, b = case.example_inputs(batch=n), case.example_inputs(batch=m)
     with torch.no_grad():
-        compiled(**{**a, case.timestep_kwarg: t[0].expand(2)})
-        out = compiled(**{**b, case.timestep_kwarg: t[1].expand(3)})  # new step, other shape
-        ref = case.model(**{**b, case.timestep_kwarg: t[1].expand(3)})
-        compiled(**{**b, case.timestep_kwarg: t[2].expand(3)})  # same shape again: reuses
+        compiled(**{**a, case.timestep_kwarg: t[0].expand(n)})
+        out = compiled(**{**b, case.timestep_kwarg: t[1].expand(m)})  # new step, other shape
+        ref = case.model(**{**b, case.timestep_kwarg: t[1].expand(m)})
+        compiled(**{**b, case.timestep_kwarg: t[2].expand(m)})  # same shape again: reuses
     torch.testing.assert_close(zoo.first_tensor(out), zoo.first_tensor(ref), **TOL)
     assert_rewritten_and_reused(1)
