@@ -197,6 +197,7 @@ class Runner:
             if k == "cache-dit-compiled":
                 self.fn = torch.compile(self.model)
         elif k == "taylorseer":
+            self.counter = BlockCounter(self.model)  # before the hooks: its probe has no context
             from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
             apply_taylorseer_cache(
@@ -211,7 +212,6 @@ class Runner:
                     cache_identifiers=[r"transformer_blocks\.\d+\.attn1"],
                 ),
             )
-            self.counter = BlockCounter(self.model)
         elif k == "magcache":
             self._bare = copy.deepcopy(self.model)
             self.counter = BlockCounter(self.model)
