@@ -45,14 +45,25 @@ def test_forecast_matches_the_eager_extrapolation(name: str, order: int, cfg: zo
 
 
 def test_forecast_changes_through_set_schedule_without_recompiling() -> None:
-    case = zoo.get("pixart")
+    case, steps, window, interval = zoo.get("pixart"), 12, (0.2, 0.95), 3
+    ts = model_timesteps(case, steps)
+    plan = progress_plan(ts, window, interval)
+    k = bd_compile.default_cache_block(len(case.blocks()))
     compiled = torch.compile(case.model, backend="blockdance", options=AOT)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        zoo.run_loop(case, compiled, 12, cfg="batched")
+        zoo.run_loop(case, compiled, steps, cfg="batched")
         for order in (1, 2, 0):
-            bd_compile.set_schedule(compiled, forecast=order, interval=3, window=(0.2, 0.95))
-            zoo.run_loop(case, compiled, 12, cfg="batched")
-    assert counters["blockdance"]["graphs_rewritten"] == 1
+            bd_compile.set_schedule(compiled, forecast=order, interval=interval, window=window)
+            reuse_before = counters["blockdance"]["reuse_steps"]
+            got = zoo.run_loop(case, compiled, steps, cfg="batched")
+            assert counters["blockdance"]["reuse_steps"] > reuse_before
+            ref, _ = run_reference_loop(
+                case, k, plan, steps, "batched", forecast=order, progress=progress_values(ts)
+            )
+            # each order's own extrapolation: an ignored forecast= would give the copy's output
+            torch.testing.assert_close(got.latents, ref.latents, **TOL, msg=f"forecast={order}")
+    c = counters["blockdance"]
+    assert c["graphs_rewritten"] == 1 and c["fallbacks"] == 0
 
 
 def test_explain_reports_the_forecast_memory() -> None:
