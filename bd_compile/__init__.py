@@ -18,7 +18,7 @@ from bd_compile.api import (
     stats,
 )
 from bd_compile.backend import BlockDanceError, blockdance_backend, build_runtime, compile_graph
-from bd_compile.loop import GenerationStats
+from bd_compile.keys import GenerationStats
 from bd_compile.schedule import make_schedule, paper_rule
 from bd_compile.settings import Settings, from_options
 from passes import default_cache_block

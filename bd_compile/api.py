@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
-from bd_compile.loop import GenerationStats, KeyState, LoopState, generation_of, states_of
+from bd_compile.keys import GenerationStats, KeyState, generation_of
+from bd_compile.loop import LoopState, states_of
 from bd_compile.runtime import CachedValue, GraphRuntime
 from bd_compile.settings import Settings
 

@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING
 from bd_compile.schedule import ProgressSchedule, progress
 
 if TYPE_CHECKING:
-    from bd_compile.loop import Generation, KeyState, LoopState
+    from bd_compile.keys import Generation, KeyState
+    from bd_compile.loop import LoopState
 
 log = logging.getLogger(__name__)
 

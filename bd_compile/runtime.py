@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
-from bd_compile.loop import Generation, LoopState, Signature, Slot
+from bd_compile.keys import Generation, Signature, Slot
+from bd_compile.loop import LoopState
 
 log = logging.getLogger(__name__)
 
