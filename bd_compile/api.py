@@ -73,8 +73,9 @@ def set_schedule(model: Model | None = None, **options: Any) -> None:
         options.setdefault("policy", None)
     if options.get("policy") is not None:
         options.setdefault("schedule", None)
+    recheck = "timesteps" in options or "branches" in options
     for state in _require(model):
-        state.set_settings(state.settings.replace(**options))
+        state.set_settings(state.settings.replace(**options), recheck)
 
 
 #: ``reset``'s default key: every key

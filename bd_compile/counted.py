@@ -16,9 +16,11 @@ Note [Counted steps check themselves]
 A counted loop that was mis-said (a list of another step count, ``branches=1`` for a loop that
 calls cond then uncond) would be silently wrong: the schedule shifts, a generation ends halfway.
 So the first generation counted with a given ``(timesteps, branches)`` on a model (after the
-compile, after every ``set_schedule``, and in every ``generation`` block or resumed key whose
-list this model has not checked yet) also reads the timestep of every call (one host read per
-call, for that generation only) and compares it with what the counter expects:
+compile, after a ``set_schedule`` that gives ``timesteps`` or ``branches``, and in every
+``generation`` block or resumed key whose list this model has not checked yet) also reads the
+timestep of every call (one host read per call, for that generation only) and compares it with
+what the counter expects (a ``set_schedule`` of ``interval``, ``window`` or ``forecast`` keeps
+what was checked: the loop has not changed, and its generations stay sync-free):
 
 - the same timestep again where a new step was expected: more calls per step than said; the
   warning (given once the step ends, with the number seen) says which ``branches`` to pass;

@@ -118,13 +118,17 @@ class LoopState:
             )
         return schedule_for(self.settings).describe()
 
-    def set_settings(self, settings: Settings) -> None:
+    def set_settings(self, settings: Settings, recheck: bool = False) -> None:
         """New schedule options (``set_schedule``); running generations end, nothing recompiles.
-        A policy is loaded and checked against the graphs first (``ValueError`` if unreadable)."""
+        A policy is loaded and checked against the graphs first (``ValueError`` if unreadable).
+        ``recheck`` (``timesteps`` or ``branches`` given anew): forget what checking counted
+        loops found, so the next counted generation is checked again; a new ``interval`` or
+        ``forecast`` keeps it (the loop is the same loop)."""
         self.resolve_policy(settings)
         self.settings = settings
         self.restart()
-        self.learned.clear()
+        if recheck:
+            self.learned.clear()
         with self._lock:  # automatic states take the new ``timesteps`` at their next call
             self._keys = {k: ks for k, ks in self._keys.items() if ks.explicit}
 

@@ -9,8 +9,10 @@
 inductor's ``mode="reduce-overhead"`` (CUDA graphs; on CPU inductor ignores the mode and the rows
 time plain inductor again); ``--counted`` runs the blockdance rows inside
 ``bd_compile.generation(model, timesteps=..., branches=1)`` (Note [Counted steps]: no
-device-to-host sync per call) and, on CUDA, checks one extra generation per blockdance model with
-``torch.cuda.set_sync_debug_mode("error")`` around its model calls; ``--no-compile-times`` skips
+device-to-host sync per call; the warm-up generation is the one that checks the counting, Note
+[Counted steps check themselves], with one host read per call, and is not timed) and, on CUDA,
+checks one extra generation per blockdance model with ``torch.cuda.set_sync_debug_mode("error")``
+around its model calls; ``--no-compile-times`` skips
 the compile-time subprocesses; ``--warm-only`` compiles and runs the warm-up generations, times
 nothing, and leaves TORCHINDUCTOR_CACHE_DIR warm for a timed run (benchmarks/gpu.sh runs it beside
 another job). See benchmarks/README.md ("GPU run") and benchmarks/gpu.sh.

@@ -127,6 +127,34 @@ def test_generation_blocks_check_their_words_once(
     assert len(_warnings(caplog, "pass branches=2")) == 1
 
 
+def test_set_schedule_rechecks_only_when_the_counting_is_said_anew(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the checked first generation, ``set_schedule(interval=...)`` keeps counting
+    without a host read (benchmarks/speed.py's sync check relies on it); ``set_schedule``
+    with ``timesteps`` checks the next generation again."""
+    case, steps = zoo.get("pixart"), 6
+    ts = model_timesteps(case, steps)
+    options = {**AOT, "window": WINDOW, "timesteps": ts}
+    compiled = torch.compile(case.model, backend="blockdance", options=options)
+    zoo.run_loop(case, compiled, steps, cfg="batched")  # the checked generation
+    reads: list[object] = []
+    real = bd_compile.runtime.read_timestep
+
+    def counting_read(arg: Any) -> float:
+        reads.append(arg)
+        return real(arg)
+
+    monkeypatch.setattr(bd_compile.runtime, "read_timestep", counting_read)
+    bd_compile.set_schedule(compiled, interval=3)
+    zoo.run_loop(case, compiled, steps, cfg="batched")
+    assert reads == []
+    assert bd_compile.stats(compiled).last.pattern == pattern(paper_plan(steps, WINDOW, 3))
+    bd_compile.set_schedule(compiled, timesteps=ts)
+    zoo.run_loop(case, compiled, steps, cfg="batched")
+    assert len(reads) == steps
+
+
 # -- resume by key: a step-level scheduler in one thread ------------------------------------------
 
 
