@@ -1,0 +1,298 @@
+"""Host overhead per call: blockdance's compute and reuse calls against plain inductor.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.overhead            # CPU, one thread (~3 min warm)
+    python -m benchmarks.overhead --device cuda --tag gpu      # the same on a GPU
+
+On a 28-block PixArt-shaped DiT so narrow (width 64, 4 image tokens, 8 text tokens) that its
+arithmetic is negligible, the time of a call is what the host spends on it: Dynamo's guards,
+the runtime, argument gathering, the AOT and inductor wrappers, the generated code's kernel
+launches. Each method runs generations of ``--steps`` model calls at falling timesteps (the
+input tensors fixed, batch 2 as in batched CFG), interleaved, ``--repeats`` times; every call is
+timed on its own and labelled by what it did (blockdance's ``compute`` calls run prefix, region
+and tail; ``reuse`` calls prefix and tail). Reported: the median microseconds per call per
+method and kind, and the difference to plain inductor's median call (the overhead).
+
+Then one generation per method under ``torch.profiler`` with the Python tracer: the self time of
+every event inside a model call is charged to a category by the file it runs in (Python
+built-ins to the Python function that called them): Dynamo (eval frame and guards), the
+blockdance runtime (``bd_compile/``), argument gathering (``passes/split_cached_region.py``),
+AOT autograd's wrappers (``torch/_functorch``), inductor's wrappers (``torch/_inductor``), the
+generated code (the inductor cache's modules), copies and allocations (``aten::copy_``,
+``clone``, ``empty``), other ATen ops and the rest. The profiler slows every call down, so its
+table is microseconds per call *under the profiler*: read it for where the time goes, the first
+table for how much.
+
+Writes benchmarks/results/overhead[-<tag>].md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import PixArtTransformer2DModel
+from torch.autograd.profiler_util import FunctionEvent
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import bd_compile
+from benchmarks.common import log, machine, median, sync
+
+RESULTS = Path(__file__).parent / "results"
+
+#: (category, substrings of an event's name), first match wins; Python built-ins take the
+#: category of the Python function that called them.
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("argument gathering", ("passes/split_cached_region.py",)),
+    ("blockdance runtime", ("bd_compile/",)),
+    ("Dynamo (eval frame, guards)", ("torch/_dynamo/", "torch/_guards.py", "eval_frame")),
+    ("AOT wrappers", ("torch/_functorch/",)),
+    ("inductor wrappers", ("torch/_inductor/",)),
+    ("copies, allocations", ("aten::copy_", "aten::clone", "aten::empty")),
+    ("ATen ops", ("aten::",)),
+)
+GENERATED = "generated code (kernels, launches)"
+OTHER = "other Python"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    model: Any
+    #: per call of a generation: "compute" or "reuse" (learned from an untimed generation)
+    kinds: tuple[str, ...] = ()
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=1,
+        attention_head_dim=args.width,
+        in_channels=4,
+        out_channels=8,
+        num_layers=args.blocks,
+        cross_attention_dim=args.width,
+        caption_channels=args.width,
+        sample_size=args.latent,
+        patch_size=2,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    return model.eval().to(args.device)
+
+
+class Calls:
+    """``steps`` model calls at falling timesteps on fixed inputs: the host's work per call,
+    without a sampler's arithmetic between the calls."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        g = torch.Generator().manual_seed(0)
+        dev = torch.device(args.device)
+        self.device = dev
+        self.kwargs = {
+            "hidden_states": torch.randn(2, 4, args.latent, args.latent, generator=g).to(dev),
+            "encoder_hidden_states": torch.randn(2, 8, args.width, generator=g).to(dev),
+            "return_dict": False,
+        }
+        step = 1000 // args.steps
+        self.timesteps = [float(999 - i * step) for i in range(args.steps)]
+        self.t = [torch.full((2,), t, device=dev) for t in self.timesteps]
+
+    def run(
+        self, model: Any, timed: bool = True, label: Callable[[int], str] | None = None
+    ) -> list[float]:
+        """One generation; the seconds of each call (``timed``), each call inside a profiler
+        ``record_function`` named ``label(i)`` when given."""
+        seconds = []
+        with torch.no_grad():
+            for i, t in enumerate(self.t):
+                sync(self.device)
+                t0 = time.perf_counter()
+                if label is None:
+                    model(timestep=t, **self.kwargs)
+                else:
+                    with record_function(label(i)):
+                        model(timestep=t, **self.kwargs)
+                sync(self.device)
+                if timed:
+                    seconds.append(time.perf_counter() - t0)
+        return seconds
+
+
+def kinds_of(model: Any) -> tuple[str, ...]:
+    """What each call of the last generation did (one call per step: batched CFG)."""
+    pattern = bd_compile.stats(model).last.pattern
+    return tuple("reuse" if p == "R" else "compute" for p in pattern)
+
+
+def category(event: FunctionEvent) -> str:
+    e: FunctionEvent | None = event
+    while e is not None and e.name.startswith("<built-in"):
+        e = e.cpu_parent
+    name = e.name if e is not None else event.name
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    if "inductor-cache" in name or "torchinductor" in name or "/tmp" in name:
+        return GENERATED
+    if not name.endswith(")") and "(" not in name:  # a C++ op or kernel that is not ATen's
+        return GENERATED
+    return OTHER
+
+
+def call_of(event: FunctionEvent) -> str | None:
+    """The ``record_function`` label of the model call ``event`` ran in, if any."""
+    e: FunctionEvent | None = event
+    while e is not None:
+        if e.name.startswith("call:"):
+            return e.name
+        e = e.cpu_parent
+    return None
+
+
+def breakdown(calls: Calls, m: Method) -> dict[str, dict[str, float]]:
+    """Microseconds per call, per kind and category, of one generation under the profiler."""
+    kinds = m.kinds or ("call",) * len(calls.t)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        calls.run(m.model, timed=False, label=lambda i: f"call:{kinds[i]}:{i}")
+    per_kind: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for e in prof.events():
+        label = call_of(e)
+        if label is None or e.name == label:
+            continue
+        per_kind[label.split(":")[1]][category(e)] += e.self_cpu_time_total
+    n = {k: kinds.count(k) for k in set(kinds)}
+    return {k: {c: us / n[k] for c, us in cats.items()} for k, cats in per_kind.items()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    log(f"machine: {machine()}")
+    model = build_model(args)
+    calls = Calls(args)
+    options: dict[str, Any] = {"interval": args.interval, "window": (0.0, 1.0)}
+    methods = [
+        Method("inductor", torch.compile(model, backend="inductor")),
+        Method("blockdance", torch.compile(model, backend="blockdance", options=options)),
+        Method(
+            "blockdance counted",
+            torch.compile(
+                model, backend="blockdance", options={**options, "timesteps": calls.timesteps}
+            ),
+        ),
+        Method(
+            "blockdance interval=1",
+            torch.compile(model, backend="blockdance", options={"interval": 1}),
+        ),
+    ]
+    for i, m in enumerate(methods):
+        log(f"warm-up {m.name}")
+        calls.run(m.model, timed=False)
+        calls.run(m.model, timed=False)  # the counted model's check generation, then a plain one
+        if m.name.startswith("blockdance"):
+            methods[i] = Method(m.name, m.model, kinds_of(m.model))
+    times: dict[str, dict[str, list[float]]] = {m.name: defaultdict(list) for m in methods}
+    for rep in range(args.repeats):
+        for m in methods:
+            seconds = calls.run(m.model)
+            kinds = m.kinds or ("call",) * len(seconds)
+            for kind, s in zip(kinds, seconds, strict=True):
+                times[m.name][kind].append(s)
+        log(f"repeat {rep + 1}/{args.repeats} done")
+    base = median(times["inductor"]["call"])
+    rows = [
+        {
+            "method": m.name,
+            "kind": kind,
+            "calls": len(ts),
+            "us_per_call": 1e6 * median(ts),
+            "over_inductor_us": 1e6 * (median(ts) - base),
+        }
+        for m in methods
+        for kind, ts in sorted(times[m.name].items())
+    ]
+    profiled = {}
+    if not args.no_profile:
+        for m in methods[:2]:
+            log(f"profiling {m.name}")
+            profiled[m.name] = breakdown(calls, m)
+    return {"machine": machine(), "args": vars(args), "rows": rows, "profile": profiled}
+
+
+def write(result: dict[str, Any], tag: str) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / (f"overhead-{tag}" if tag else "overhead")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    a = result["args"]
+    lines = [
+        "# Host overhead per call: blockdance vs plain inductor",
+        "",
+        f"Machine: {result['machine']}.",
+        f"Model: PixArt-shaped DiT, {a['blocks']} blocks, width {a['width']}, "
+        f"{(a['latent'] // 2) ** 2} image tokens, batch 2; {a['steps']} calls per generation, "
+        f"blockdance interval={a['interval']} over the whole trajectory; median of "
+        f"{a['repeats']} interleaved generations, every call timed on its own.",
+        "Reproduce: `OMP_NUM_THREADS=1 python -m benchmarks.overhead"
+        + (f" --tag {tag}" if tag else "")
+        + "`.",
+        "",
+        "| method | call | calls | us per call | minus inductor's |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['kind']} | {r['calls']} | {r['us_per_call']:.0f} | "
+            f"{r['over_inductor_us']:+.0f} |"
+        )
+    if result["profile"]:
+        cats = [c for c, _ in CATEGORIES] + [GENERATED, OTHER]
+        cols = [(m, k) for m, kinds in result["profile"].items() for k in sorted(kinds)]
+        lines += [
+            "",
+            "Where the time goes: self time per call under `torch.profiler` (Python tracer on, "
+            "which slows every call: shares, not speeds), microseconds.",
+            "",
+            "| category | " + " | ".join(f"{m} {k}" for m, k in cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
+        for c in cats:
+            vals = [result["profile"][m][k].get(c, 0.0) for m, k in cols]
+            lines.append(f"| {c} | " + " | ".join(f"{v:.0f}" for v in vals) + " |")
+        totals = [sum(result["profile"][m][k].values()) for m, k in cols]
+        lines.append("| **total** | " + " | ".join(f"**{v:.0f}**" for v in totals) + " |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem.with_suffix(".md")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--blocks", type=int, default=28)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--latent", type=int, default=4, help="latent side; tokens = (latent/2)^2")
+    p.add_argument("--steps", type=int, default=50, help="model calls per generation")
+    p.add_argument("--interval", type=int, default=2, help="blockdance N")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
+    p.add_argument("--tag", default="", help="results/overhead-<tag>.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    path = write(run(args), args.tag)
+    log(f"wrote {path}")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
