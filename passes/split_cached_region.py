@@ -22,9 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
+import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import _get_placeholder_expr, free_symbols
 
-from passes.find_cached_region import PART_META, CachedRegion, derived_from_inputs
+from passes.find_cached_region import PART_META, CachedRegion, RegionError, derived_from_inputs
 
 #: The pools a split graph's inputs are gathered from, per call (``Part.plan``).
 ARGS, PREFIX, CACHE = 0, 1, 2
@@ -113,6 +116,7 @@ def _build(
             stack.extend(n.all_input_nodes)
         else:
             needed.add(n)
+    needed |= _symbol_sources(gm, needed - inside)  # Note [Compound sizes]
     for n in gm.graph.nodes:  # inputs in original graph order: deterministic graphs, warm caches
         if n in needed and n not in inside:
             pool, index = locate[n]
@@ -131,6 +135,59 @@ def _build(
     graph.eliminate_dead_code()
     graph.lint()
     return Part(fx.GraphModule(gm, graph, f"BlockDance_{part}"), tuple(plan), tuple(examples))
+
+
+def _free_symbols(value: Any) -> set[sympy.Symbol]:
+    """The symbols in a tensor's sizes and strides, or in a symbolic scalar."""
+    if isinstance(value, torch.Tensor):
+        return set().union(*(free_symbols(x) for x in (*value.shape, *value.stride())))
+    return set(free_symbols(value)) if isinstance(value, torch.SymInt | torch.SymFloat) else set()
+
+
+def _bound_symbols(value: Any) -> set[sympy.Expr]:
+    """The symbols a compiled graph binds from this input by itself: a tensor size (or stride)
+    that is one bare symbol, or a symbolic scalar's own symbol. A scalar binds the symbol it was
+    created as, before Dynamo's replacements (``s67`` even where ``s67 == s37`` was learned):
+    what inductor's wrapper binds (``_get_placeholder_expr``)."""
+    if isinstance(value, torch.Tensor):
+        sizes = (*value.shape, *value.stride())
+        exprs = [e.node.expr for e in sizes if isinstance(e, torch.SymInt)]
+    elif isinstance(value, torch.SymInt | torch.SymFloat):
+        exprs = [_get_placeholder_expr(value.node)]
+    else:
+        exprs = []
+    return {e for e in exprs if isinstance(e, sympy.Symbol)}
+
+
+def _symbol_sources(gm: fx.GraphModule, inputs: set[fx.Node]) -> set[fx.Node]:
+    """Graph inputs to add so that every symbol in ``inputs``' sizes can be bound.
+
+    Note [Compound sizes]
+    A value whose size is a product of symbols (QwenImage's RoPE table, ``(s10*s37, 8)``, made
+    from the ``img_shapes`` ints) may cross into a part that sees neither factor; inductor binds
+    symbols only from bare-symbol sizes and scalar inputs, and fails to codegen the product. As
+    ``torch.fx.passes.split_module`` does, the part then also takes the original graph's input
+    that defines each missing symbol (a symbolic scalar placeholder, or a tensor placeholder one
+    of whose sizes is the bare symbol).
+    """
+    needed = set().union(*(_free_symbols(n.meta.get("example_value")) for n in inputs))
+    missing = needed - set().union(*(_bound_symbols(n.meta.get("example_value")) for n in inputs))
+    found: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if not missing:
+            break
+        if n.op == "placeholder":
+            hit = _bound_symbols(n.meta.get("example_value")) & missing
+            if hit:
+                found.add(n)
+                missing -= hit
+    if missing:  # no input defines it alone: the inner compiler could not compile the part
+        names = ", ".join(sorted(map(str, missing)))
+        raise RegionError(
+            f"a value passed between the split graphs has a dynamic size in {names}, which no "
+            "input of the model defines on its own"
+        )
+    return found
 
 
 def split_cached_region(

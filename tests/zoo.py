@@ -530,16 +530,16 @@ def make_flux(seed: int = 0) -> ZooCase:
     _seeded_init(model, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     cond, uncond = _text_conditions(gen, seq, joint, {"pooled_projections": pooled})
-    img_ids = _flux_image_ids(grid, grid)
     txt_ids = torch.zeros(seq, 3)
 
     def make_inputs(latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> dict[str, Any]:
+        side = math.isqrt(latents.shape[1])  # square grids: a resolution change is a new side
         return {
             "hidden_states": latents,
             "encoder_hidden_states": cond["encoder_hidden_states"],
             "pooled_projections": cond["pooled_projections"],
             "timestep": t,
-            "img_ids": img_ids,
+            "img_ids": _flux_image_ids(side, side),
             "txt_ids": txt_ids,
         }
 
@@ -719,6 +719,53 @@ def make_lumina2(seed: int = 0) -> ZooCase:
     )
 
 
+def make_qwenimage(seed: int = 0) -> ZooCase:
+    from diffusers import QwenImageTransformer2DModel
+
+    # Packed latents as QwenImagePipeline keeps them (16 features per 2x2 patch of 4 channels) on
+    # a 4x4 grid; ``img_shapes`` (frames, rows, cols) per sample is a Python list, so under
+    # ``dynamic=True`` the RoPE table's length is a product of symbols (``vid_freqs``).
+    grid, features, seq, joint = 4, 16, 8, 24
+    model: nn.Module = QwenImageTransformer2DModel(  # type: ignore[assignment]
+        patch_size=1,
+        in_channels=features,
+        out_channels=features,
+        num_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=joint,
+        axes_dims_rope=(4, 6, 6),
+    )
+    _seeded_init(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    cond, uncond = _text_conditions(gen, seq, joint)
+
+    def make_inputs(latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> dict[str, Any]:
+        b = latents.shape[0]
+        side = math.isqrt(latents.shape[1])
+        return {
+            "hidden_states": latents,
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "encoder_hidden_states_mask": None,
+            "timestep": t,
+            "img_shapes": [(1, side, side)] * b,
+            "return_dict": False,
+        }
+
+    return ZooCase(
+        name="qwenimage",
+        model=model,
+        latent_shape=(grid * grid, features),
+        make_inputs=make_inputs,
+        conditions=(cond, uncond),
+        blocks=lambda: _module_list(model, "transformer_blocks"),
+        make_scheduler=flow_scheduler(1.0),
+        output=first_tensor,
+        model_timestep=_flux_timestep,
+        notes="timestep is t/1000; img_shapes is a list of ints (symbolic under dynamic=True)",
+    )
+
+
 BUILDERS: dict[str, Callable[[int], ZooCase]] = {
     "zoo_dit": make_zoo_dit,
     "dit": make_dit,
@@ -730,7 +777,10 @@ BUILDERS: dict[str, Callable[[int], ZooCase]] = {
 }
 NAMES: tuple[str, ...] = tuple(BUILDERS)
 #: Cases outside ``NAMES`` (not in every parametrized test): each tests one loop-state rule.
-EXTRA_BUILDERS: dict[str, Callable[[int], ZooCase]] = {"lumina2": make_lumina2}
+EXTRA_BUILDERS: dict[str, Callable[[int], ZooCase]] = {
+    "lumina2": make_lumina2,
+    "qwenimage": make_qwenimage,
+}
 
 _CACHE: dict[tuple[str, int], ZooCase] = {}
 
