@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from bd_compile.runtime import Layout
+    from bd_compile.layout import Layout
 
 log = logging.getLogger(__name__)
 

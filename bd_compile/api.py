@@ -15,8 +15,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from bd_compile.keys import GenerationStats, KeyState, generation_of
+from bd_compile.layout import CachedValue
 from bd_compile.loop import LoopState, states_of
-from bd_compile.runtime import CachedValue, GraphRuntime
+from bd_compile.runtime import GraphRuntime
 from bd_compile.settings import Settings
 
 SCHEDULE_KEYS = (
@@ -32,7 +33,7 @@ Model = torch.nn.Module | Any
 
 def runtimes_of(model: Model | None = None) -> list[GraphRuntime]:
     """The rewritten graphs of ``model`` (of every model if ``None``), oldest first."""
-    return [r for state in states_of(model) for r in state.graphs()]
+    return [r for state in states_of(model) for r in state.live() if isinstance(r, GraphRuntime)]
 
 
 def _require(model: Model | None) -> list[LoopState]:
@@ -212,13 +213,13 @@ def stats(model: Model) -> Stats:
     states = _require(model)
     graphs = tuple(
         GraphStats(
-            tuple(b for b, _ in r.layout.blocks),
-            r.layout.cache_block,
-            r.layout.cached,
-            r.layout.timestep_input,
+            tuple(b for b, _ in lay.blocks),
+            lay.cache_block,
+            lay.cached,
+            lay.timestep_input,
         )
         for s in states
-        for r in s.graphs()
+        for lay in s.layouts()
     )
     generations = tuple(g for s in states for g in (*s.finished, *s.running()))
     return Stats(states[-1].settings, graphs, generations, sum(s.cache_bytes() for s in states))
@@ -242,14 +243,13 @@ class Explanation:
         lines: list[str] = []
         k = 0
         for state in self.states:
-            if not state.graphs():
+            if not state.layouts():
                 lines.append(
                     "no graph of this model was rewritten: each fell back to the inner compiler "
                     "unchanged (the warning says why); nothing is cached or reused"
                 )
                 continue
-            for r in state.graphs():
-                lay = r.layout
+            for lay in state.layouts():
                 lines.append(f"graph {k}: {len(lay.blocks)} transformer blocks (execution order)")
                 k += 1
                 for i, (name, cls) in enumerate(lay.blocks):

@@ -1,7 +1,7 @@
 """The ``blockdance`` torch.compile backend: a thin composition.
 
 options -> ``Settings`` -> the model's ``LoopState`` -> ``passes.rewrite`` -> inner compiler per
-part -> ``GraphRuntime``. A graph the passes cannot handle goes to the inner compiler unchanged
+variant -> ``GraphRuntime``. A graph the passes cannot handle goes to the inner compiler unchanged
 with one warning saying why (or raises ``BlockDanceError`` under ``strict``).
 """
 
@@ -21,8 +21,9 @@ from torch._dynamo.exc import RestartAnalysis, SkipFrame
 from torch._dynamo.utils import counters
 
 from bd_compile import settings as settings_mod
+from bd_compile.layout import CachedValue, Layout
 from bd_compile.loop import LoopState, state_for
-from bd_compile.runtime import CachedValue, CompiledFn, GraphRuntime, Layout, TimestepReader
+from bd_compile.runtime import CompiledFn, GraphRuntime, TimestepReader
 from bd_compile.settings import Settings
 from passes import RegionError, Rewritten, find_timestep_input, rewrite
 
@@ -128,8 +129,9 @@ def build_runtime(
     calibrated_for: int | None = None,
     own_cache: bool = False,
 ) -> GraphRuntime:
-    """Run the passes on ``gm`` and compile its three parts with ``inner``; ``own_cache``: the
-    inner compiler uses CUDA graphs (Note [Caches under CUDA graphs])."""
+    """Run the passes on ``gm`` and compile its ``compute`` variant with ``inner`` (Note [One
+    graph per call]); ``own_cache``: the inner compiler uses CUDA graphs (Note [Caches under
+    CUDA graphs])."""
     rw = rewrite(
         gm,
         example_inputs,
@@ -138,12 +140,19 @@ def build_runtime(
         cache_block=s.cache_block,
         calibrated_for=calibrated_for,
     )
-    split = rw.split
-    compiled = (
-        inner(split.prefix.gm, list(split.prefix.example_inputs)) if split.prefix else None,
-        inner(split.region.gm, list(split.region.example_inputs)),
-        inner(split.tail.gm, list(split.tail.example_inputs)),
+    ahead: list[str] = []
+    symbolic = any(
+        isinstance(d, torch.SymInt)
+        for n in gm.graph.find_nodes(op="placeholder")
+        if isinstance(v := n.meta.get("example_value"), torch.Tensor)
+        for d in v.shape
     )
+    if symbolic or own_cache:  # Note [Variants compile when first needed]
+        ahead.append("reuse")
+        if s.forecast:
+            ahead.append("forecast")
+        if s.policy is not None:
+            ahead.append("mixed")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     signature = [
         i
@@ -152,14 +161,15 @@ def build_runtime(
     ]
     params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
     return GraphRuntime(
-        (split.prefix, split.region, split.tail),
-        compiled,
+        rw.variants,
+        inner,
         state,
         _layout(rw, gm, s),
         rw.timestep_index,
         signature,
         params,
         own_cache=own_cache,
+        ahead=ahead,
     )
 
 

@@ -34,7 +34,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch._dynamo.utils import counters
@@ -48,6 +48,7 @@ from bd_compile.keys import (
     LayoutKey,
     Slot,
 )
+from bd_compile.layout import Layout
 from bd_compile.schedule import (
     ProgressSchedule,
     Schedule,
@@ -59,10 +60,19 @@ from bd_compile.settings import Settings
 
 if TYPE_CHECKING:
     from bd_compile.ada import Policy
-    from bd_compile.runtime import GraphRuntime, TimestepReader
 
-#: A graph of a model that reports to its loop state.
-Member: TypeAlias = "GraphRuntime | TimestepReader"
+
+class Member(Protocol):
+    """A graph of a model that reports to its loop state (``runtime.GraphRuntime``, or a
+    ``runtime.TimestepReader``)."""
+
+    @property
+    def timestep_index(self) -> int | None: ...
+    @property
+    def param_ids(self) -> frozenset[int]: ...
+    @property
+    def layout(self) -> Layout | None:
+        """What was found and cached; ``None``: a piece without blocks that reads the timestep."""
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +109,9 @@ class LoopState:
         self.runtimes = [weakref.ref(r) for r in alive if r is not None]
         return [r for r in alive if r is not None]
 
-    def graphs(self) -> list[GraphRuntime]:
-        """The rewritten graphs of this model, oldest first."""
-        from bd_compile.runtime import GraphRuntime  # runtime imports this module
-
-        return [r for r in self.live() if isinstance(r, GraphRuntime)]
+    def layouts(self) -> list[Layout]:
+        """What each rewritten graph of this model caches, oldest first."""
+        return [r.layout for r in self.live() if r.layout is not None]
 
     def has_timestep_reader(self) -> bool:
         return any(r.timestep_index is not None for r in self.live())
@@ -143,8 +151,8 @@ class LoopState:
         from bd_compile.ada import load_policy  # only when a policy is asked for
 
         policy = load_policy(s.policy)
-        for r in self.graphs():
-            why = policy.mismatch(r.layout)
+        for layout in self.layouts():
+            why = policy.mismatch(layout)
             if why is None:
                 continue
             msg = f"blockdance option 'policy': {s.policy} was trained for another model: {why}"

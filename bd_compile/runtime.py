@@ -1,111 +1,53 @@
-"""The object Dynamo calls for one rewritten graph: prefix every call, region on cache steps,
-tail every call. Where the call sits in the sampling loop, and the caches, belong to the
-model's ``LoopState`` (Note [Generations, steps and branches] in ``loop.py``).
+"""The object Dynamo calls for one rewritten graph: one compiled graph per call, chosen from
+the variants of Note [One graph per call] (``passes/build_variants.py``). Where the call sits in
+the sampling loop, and the caches, belong to the model's ``LoopState`` (Note [Generations, steps
+and branches] in ``loop.py``); which variant runs is the one answer of ``calls.answer``.
 
 Note [Forecast reuse]
 With ``forecast = k`` (1 or 2) a branch keeps the cached values of its last ``k + 1`` cache
 steps with their progress ``x_i`` along the trajectory. A reuse step at progress ``x`` feeds the
-tail the polynomial through those points evaluated at ``x`` (TaylorSeer-style finite
-differences, written as Lagrange weights ``w_i = prod_{j != i} (x - x_j) / (x_i - x_j)``: order
-1 is linear from the last two cache steps, order 2 quadratic from three). The weights are
-computed on the host from scalars; the weighted sum runs as one small compiled graph per inner
-compiler and order (``compiled_combine``), with the weights as a tensor input, so changing
-``forecast`` or the step never recompiles. Until ``k + 1`` cache steps exist, a reuse step
-copies. Numbers cached next to the tensors (sizes) are taken from the last cache step.
+blocks after the region the polynomial through those points evaluated at ``x`` (TaylorSeer-style
+finite differences, written as Lagrange weights ``w_i = prod_{j != i} (x - x_j) / (x_i - x_j)``:
+order 1 is linear from the last two cache steps, order 2 quadratic from three). The weights are
+computed on the host from scalars (``calls.answer``) and passed as a tensor input of the ``forecast`` variant,
+which sums ``oldest * w0 + older * w1 + last * w2`` inside (order 1: ``w0 = 0``, ``oldest`` is
+``older``), so changing ``forecast`` or the step never recompiles. Until ``k + 1`` cache steps
+exist, a reuse step copies. Numbers cached next to the tensors (sizes) are taken from the last
+cache step.
+
+Note [Variants compile when first needed]
+``compute`` compiles with the graph. The others compile at the first call that needs them
+(``reuse`` at the first reuse step: a model that never reuses pays no compile for it), from that
+call's real tensors, with the same inner compiler. Two cases compile them with the graph instead,
+from the trace's fake inputs: symbolic shapes (a variant compiled later from real tensors would
+be specialised to their shapes; one still compiled later, a forecast asked for by
+``set_schedule`` after compiling, is compiled per concrete signature), and CUDA graphs
+(a conservative choice, not measured on a GPU here: every CUDA-graph compile stays inside the
+compile Dynamo drives, with its tracing context).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._dynamo.utils import counters
 
-from bd_compile.keys import Generation, Signature, Slot
+from bd_compile.calls import FORECAST, MIXED, REUSE, answer, decide_after
+from bd_compile.keys import Signature, Slot
+from bd_compile.layout import Layout
 from bd_compile.loop import LoopState
+from passes import Variants
 
 log = logging.getLogger(__name__)
 
 CompiledFn = Callable[..., Any]
 
 
-@dataclass(frozen=True)
-class CachedValue:
-    """One value a cache step stores: where it comes from (in the model's terms), its shape."""
-
-    name: str  #: e.g. "transformer_blocks.8 output"
-    shape: tuple[int | str, ...]  #: symbolic dims as their expression ("s0")
-    dtype: torch.dtype | None  #: None for a number (a size computed inside the blocks)
-
-    @property
-    def nbytes(self) -> int | None:
-        if self.dtype is None:
-            return 0
-        if not all(isinstance(s, int) for s in self.shape):
-            return None  # symbolic: known per call only
-        n = 1
-        for s in self.shape:
-            n *= int(s)
-        return n * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What was found in one graph and what is cached; shown by ``bd_compile.explain``."""
-
-    blocks: tuple[tuple[str, str], ...]  #: (module path, class), execution order
-    cache_block: int
-    cached: tuple[CachedValue, ...]
-    timestep_input: str | None  #: the forward's argument name; None: follows another graph
-    inner: str
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        """Graphs with equal keys may read each other's caches (recompiles of one graph)."""
-        return (
-            tuple(b for b, _ in self.blocks[: self.cache_block + 1]),
-            tuple((v.name, v.dtype, len(v.shape)) for v in self.cached),
-        )
-
-
 def _cloned(values: tuple[Any, ...]) -> tuple[Any, ...]:
     """Tensors copied (a CUDA-graph replay overwrites its outputs), other values as they are."""
     return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values)
-
-
-def _as_tuple(out: Any) -> tuple[Any, ...]:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def lagrange_weights(xs: Sequence[float], x: float) -> list[float]:
-    """Weights ``w`` with ``sum(w_i * f(x_i)) = p(x)`` for the polynomial ``p`` through the
-    points ``(x_i, f(x_i))``: linear extrapolation from two points, quadratic from three."""
-    return [
-        math.prod((x - xj) / (xi - xj) for j, xj in enumerate(xs) if j != i)
-        for i, xi in enumerate(xs)
-    ]
-
-
-def _linear(weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a * weights[0] + b * weights[1]
-
-
-def _quadratic(
-    weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
-) -> torch.Tensor:
-    return a * weights[0] + b * weights[1] + c * weights[2]
-
-
-@functools.cache
-def compiled_combine(inner: str, order: int) -> Callable[..., torch.Tensor]:
-    """The weighted sum of ``order + 1`` cached values, compiled once per inner compiler and
-    order (one function per order: switching ``forecast`` never recompiles either)."""
-    return torch.compile(_linear if order == 1 else _quadratic, backend=inner, fullgraph=True)
 
 
 def read_timestep(arg: Any) -> float:
@@ -118,17 +60,20 @@ class GraphRuntime:
 
     def __init__(
         self,
-        parts: tuple[Any, Any, Any],
-        compiled: tuple[CompiledFn | None, CompiledFn, CompiledFn],
+        variants: Variants,
+        inner: Callable[[Any, list[Any]], CompiledFn],
         state: LoopState,
         layout: Layout,
         timestep_index: int | None,
         signature_indices: Sequence[int],
         param_ids: frozenset[int],
         own_cache: bool = False,
+        ahead: Sequence[str] = (),
     ) -> None:
-        self.prefix, self.region, self.tail = parts
-        self.prefix_fn, self.region_fn, self.tail_fn = compiled
+        """``ahead``: the variants to compile now besides ``compute`` (Note [Variants compile
+        when first needed]); the rest compile at their first call."""
+        self.variants = variants
+        self.inner = inner
         self.state = state
         self.layout = layout
         self.layout_key = layout.key
@@ -139,7 +84,39 @@ class GraphRuntime:
         #: previous replay, so with cudagraphs the cache lives in buffers this runtime owns,
         #: copied into in place on every cache step (one extra cache of memory per branch).
         self.own_cache = own_cache
+        self.symbolic = any(
+            isinstance(d, torch.SymInt)
+            for x in variants.compute.example_inputs
+            if isinstance(x, torch.Tensor)
+            for d in x.shape
+        )
+        #: compiled variants by (name, None), or (name, signature) for a symbolic graph's
+        #: variant compiled after the trace (Note [Variants compile when first needed])
+        self.compiled: dict[tuple[str, Signature | None], CompiledFn] = {}
+        for name in ("compute", *ahead):
+            part = variants.by_name(name)
+            self.compiled[(name, None)] = inner(part.gm, list(part.example_inputs))
+        self.compute_fn = self.compiled[("compute", None)]
+        self.n = variants.num_outputs
         state.add(self)
+
+    def _run(self, name: str, signature: Signature, *pools: Sequence[Any]) -> Any:
+        """Run variant ``name`` on the inputs gathered from ``pools``, compiling it first if
+        this is its first call (per concrete signature where the graph is symbolic)."""
+        part = self.variants.by_name(name)
+        inputs = part.gather(*pools)
+        fn = self.compiled.get((name, None))
+        if fn is None:
+            key = (name, signature if self.symbolic else None)
+            fn = self.compiled.get(key)
+            if fn is None:
+                log.info("blockdance: compiling the %s graph (first call that needs it)", name)
+                fn = self.compiled[key] = self.inner(part.gm, list(inputs))
+        return fn(*inputs)
+
+    def _finish(self, outputs: Sequence[Any]) -> Any:
+        """What the forward returns, from a variant's first ``n`` outputs."""
+        return outputs[0] if self.variants.single_output else tuple(outputs)
 
     def _own(
         self, values: tuple[Any, ...], old: Slot | None, signature: Signature
@@ -150,22 +127,6 @@ class GraphRuntime:
                     buf.copy_(v)
             return old.values
         return _cloned(values)
-
-    def _forecast(self, slot: Slot, x: float, order: int) -> tuple[Any, ...]:
-        """The cached values extrapolated to progress ``x`` (Note [Forecast reuse])."""
-        points = slot.history[-(order + 1) :]
-        if len(points) < order + 1:
-            return slot.values  # not enough cache steps yet: copy
-        weights = lagrange_weights([p for p, _ in points], x)
-        combine = compiled_combine(self.layout.inner, order)
-        out: list[Any] = []
-        for i, last in enumerate(slot.values):
-            if not isinstance(last, torch.Tensor):
-                out.append(last)
-                continue
-            w = torch.tensor(weights, dtype=last.dtype).to(last.device, non_blocking=True)
-            out.append(combine(w, *(values[i] for _, values in points)))
-        return tuple(out)
 
     def _signature(self, args: Sequence[Any]) -> Signature:
         return tuple(
@@ -181,103 +142,51 @@ class GraphRuntime:
             t = read_timestep(args[self.timestep_index])
         gen, branch = state.advance(ks, self.layout_key, t)
         signature = self._signature(args)
-        slot_key = (self.layout_key, branch)
-        slot = gen.slots.get(slot_key)
-        prefix = _as_tuple(self.prefix_fn(*self.prefix.gather(args))) if self.prefix_fn else ()
-        if state.ada is not None:
-            cache = self._adaptive(gen, branch, slot_key, slot, signature, args, prefix)
-            return self.tail_fn(*self.tail.gather(args, prefix, cache))
-        reuse = gen.step_may_reuse and slot is not None and slot.signature == signature
-        order = state.settings.forecast
-        if reuse:
+        call = answer(state, gen, branch, self.layout_key, signature)
+        slot = call.slot
+        if call.reuses:
             assert slot is not None
-            cache = self._forecast(slot, gen.progress, order) if order else slot.values
-        elif self.own_cache and not order:
-            out = _as_tuple(self.region_fn(*self.region.gather(args, prefix)))
-            cache = self._own(out, slot, signature)
-            state.store(gen, slot_key, Slot(cache, signature))
+            state.record(gen, True)
+            if call.run == FORECAST:  # Note [Forecast reuse]
+                older, oldest = call.history[-1], call.history[0]
+                w = [
+                    torch.tensor(call.weights, dtype=v.dtype).to(v.device, non_blocking=True)
+                    if isinstance(v, torch.Tensor)
+                    else None
+                    for v in slot.values
+                ]
+                return self._run(FORECAST, signature, args, slot.values, older, oldest, w)
+            return self._run(REUSE, signature, args, slot.values)
+        order = state.settings.forecast if state.ada is None else 0
+        out = None
+        if call.run == MIXED:  # reads the old cache, so it runs before that is freed
+            assert slot is not None and call.rows is not None
+            mask = call.rows.to(slot.values[0].device, non_blocking=True)
+            out = self._run(MIXED, signature, args, slot.values, (), (), (), (mask,))
+        if out is None and self.own_cache and not order and state.ada is None:
+            out = self.compute_fn(*args)
+            cache = self._own(tuple(out[self.n :]), slot, signature)
+            state.store(gen, call.slot_key, Slot(cache, signature))
         else:
-            # Free what the new cache replaces (our reference too) before it is made: at the
+            # Free what the new cache replaces (our references too) before it is made: at the
             # peak a branch holds forecast + 1 caches, not forecast + 2.
             kept = slot.history[len(slot.history) - order :] if order and slot else ()
             if slot is not None and slot.signature != signature:
                 kept = ()
-            slot = None
+            slot_key = call.slot_key
+            del slot, call
             state.store(gen, slot_key, None)
-            cache = _as_tuple(self.region_fn(*self.region.gather(args, prefix)))
-            if self.own_cache:
+            if out is None:
+                out = self.compute_fn(*args)
+            cache = tuple(out[self.n :])
+            if self.own_cache:  # Note [Caches under CUDA graphs]: the next replay overwrites it
                 cache = _cloned(cache)
             history = (*kept, (gen.progress, cache)) if order else ()
             state.store(gen, slot_key, Slot(cache, signature, history))
-        state.record(gen, reuse)
-        return self.tail_fn(*self.tail.gather(args, prefix, cache))
-
-    def _adaptive(
-        self,
-        gen: Generation,
-        branch: int,
-        slot_key: tuple[Any, int],
-        slot: Slot | None,
-        signature: Signature,
-        args: Sequence[Any],
-        prefix: tuple[Any, ...],
-    ) -> tuple[Any, ...]:
-        """One call under a BlockDance-Ada policy (Note [BlockDance-Ada] in ``ada.py``): the
-        cached values the tail reads, computing the region unless every row reuses."""
-        state, policy = self.state, self.state.ada
-        assert policy is not None
-        decision = gen.ada
-        reuse_rows: torch.Tensor | None = None  # bool [rows]: rows that reuse at this step
-        later = decision is not None and gen.timed and gen.step > decision.step
-        if later and slot is not None and slot.signature == signature:
-            assert decision is not None
-            first = slot.values[0]
-            if isinstance(first, torch.Tensor) and first.dim() > 0:
-                reuse_rows = decision.reuse_rows(gen.progress, int(first.shape[0]))
-        if later:
-            assert decision is not None
-            decision.note_step(gen.step, reuse_rows)
-        c = counters["blockdance"]
-        if reuse_rows is not None and bool(reuse_rows.all()):
-            assert slot is not None
-            state.record(gen, True)
-            c["ada_row_steps_reused"] += int(reuse_rows.numel())
-            return slot.values
-        fresh = _as_tuple(self.region_fn(*self.region.gather(args, prefix)))
-        if self.own_cache:  # Note [Caches under CUDA graphs]: the next replay overwrites it
-            fresh = _cloned(fresh)
-        cache = fresh
-        if reuse_rows is not None and bool(reuse_rows.any()):
-            assert slot is not None
-            cache = _mix_rows(reuse_rows, slot.values, fresh)
-            c["ada_mixed_calls"] += 1
-            c["ada_row_steps_reused"] += int(reuse_rows.sum())
-        state.store(gen, slot_key, None)  # free the old cache before holding the new one
-        state.store(gen, slot_key, Slot(cache, signature))
-        if decision is None and gen.timed and gen.progress >= policy.rho and branch == 0:
-            first = fresh[0]
-            sync, group = state.policy_sync()
-            rows = state.settings.policy_rows
-            gen.ada = policy.decide(first, gen.progress, gen.step, rows, sync, group)
-            c["ada_decisions"] += 1
+        if state.ada is not None:
+            decide_after(state, gen, branch, cache[0])
         state.record(gen, False)
-        return cache
-
-
-def _mix_rows(
-    reuse_rows: torch.Tensor, old: tuple[Any, ...], fresh: tuple[Any, ...]
-) -> tuple[Any, ...]:
-    """Per row, the old (cached) value where ``reuse_rows`` else the fresh one; values without
-    the batch dim (numbers, batch-independent tensors) are taken fresh."""
-    rows = int(reuse_rows.shape[0])
-    out: list[Any] = []
-    for o, f in zip(old, fresh, strict=True):
-        if isinstance(f, torch.Tensor) and f.dim() > 0 and f.shape[0] == rows:
-            m = reuse_rows.to(f.device, non_blocking=True).view(rows, *([1] * (f.dim() - 1)))
-            out.append(torch.where(m, o, f))
-        else:
-            out.append(f)
-    return tuple(out)
+        return self._finish(out[: self.n])
 
 
 class TimestepReader:
@@ -286,6 +195,7 @@ class TimestepReader:
 
     def __init__(self, fn: CompiledFn, state: LoopState, timestep_index: int) -> None:
         self.fn, self.state, self.timestep_index = fn, state, timestep_index
+        self.layout: Layout | None = None
         self.layout_key = ("timestep reader",)
         self.param_ids: frozenset[int] = frozenset()
         state.add(self)

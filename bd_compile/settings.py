@@ -48,7 +48,7 @@ class Settings:
         progress, Note [Forecast reuse] in runtime.py); copies until that many exist.
     inner_options: for ``inner="inductor"``: ``{"mode": "max-autotune" | "reduce-overhead" |
         ...}`` and/or inductor config keys (``"triton.cudagraphs": True``), applied to the
-        three graphs' compiles. Stored as sorted (key, value) pairs.
+        compile of every graph. Stored as sorted (key, value) pairs.
     policy: path of a BlockDance-Ada policy file (``bd_compile.ada``): per-sample decisions
         from the region output at progress ``rho`` replace the static schedule for the rest of
         the generation (Note [BlockDance-Ada]). Not together with ``schedule`` or ``forecast``.

@@ -8,14 +8,15 @@ arithmetic is negligible, the time of a call is what the host spends on it: Dyna
 the runtime, argument gathering, the AOT and inductor wrappers, the generated code's kernel
 launches. Each method runs generations of ``--steps`` model calls at falling timesteps (the
 input tensors fixed, batch 2 as in batched CFG), interleaved, ``--repeats`` times; every call is
-timed on its own and labelled by what it did (blockdance's ``compute`` calls run prefix, region
-and tail; ``reuse`` calls prefix and tail). Reported: the median microseconds per call per
+timed on its own and labelled by what it did (blockdance's ``compute`` calls run the whole forward,
+also returning the cached values; ``reuse`` calls the blocks outside the region, Note [One graph
+per call]). Reported: the median microseconds per call per
 method and kind, and the difference to plain inductor's median call (the overhead).
 
 Then one generation per method under ``torch.profiler`` with the Python tracer: the self time of
 every event inside a model call is charged to a category by the file it runs in (Python
 built-ins to the Python function that called them): Dynamo (eval frame and guards), the
-blockdance runtime (``bd_compile/``), argument gathering (``passes/split_cached_region.py``),
+blockdance runtime (``bd_compile/``), argument gathering (``passes/build_variants.py``),
 AOT autograd's wrappers (``torch/_functorch``), inductor's wrappers (``torch/_inductor``), the
 generated code (the inductor cache's modules), copies and allocations (``aten::copy_``,
 ``clone``, ``empty``), other ATen ops and the rest. The profiler slows every call down, so its
@@ -49,7 +50,7 @@ RESULTS = Path(__file__).parent / "results"
 #: (category, substrings of an event's name), first match wins; Python built-ins take the
 #: category of the Python function that called them.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("argument gathering", ("passes/split_cached_region.py",)),
+    ("argument gathering", ("passes/build_variants.py",)),
     ("blockdance runtime", ("bd_compile/",)),
     ("Dynamo (eval frame, guards)", ("torch/_dynamo/", "torch/_guards.py", "eval_frame")),
     ("AOT wrappers", ("torch/_functorch/",)),

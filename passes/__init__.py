@@ -3,8 +3,9 @@
 1. ``find_timestep_input``   which graph input is the timestep (none: fall back before any work)
 2. ``tag_blocks``            find the transformer blocks, in execution order
 3. ``find_cached_region``    label nodes prefix / region / tail; pick the values to cache
-4. ``split_cached_region``   lower to three straight-line graphs (Note [Why three graphs]), each
-                             with its example inputs and the argument plan the runtime gathers by
+4. ``build_variants``        lower to one straight-line graph per call path (compute, reuse,
+                             forecast, Ada's mixed rows; Note [One graph per call]), each with
+                             its example inputs and the argument plan the runtime gathers by
 """
 
 from __future__ import annotations
@@ -15,6 +16,17 @@ from typing import Any
 
 import torch.fx as fx
 
+from passes.build_variants import (
+    ARGS,
+    CACHE,
+    OLDER,
+    OLDEST,
+    ROWS,
+    WEIGHTS,
+    Part,
+    Variants,
+    build_variants,
+)
 from passes.find_cached_region import (
     CachedRegion,
     RegionError,
@@ -23,10 +35,9 @@ from passes.find_cached_region import (
     resolve_cache_block,
 )
 from passes.find_timestep_input import find_timestep_input, user_input_name
-from passes.split_cached_region import ARGS, CACHE, PREFIX, Part, SplitGraphs, split_cached_region
 from passes.tag_blocks import Block, find_blocks, tag_blocks
 
-PIPELINE = (find_timestep_input, tag_blocks, find_cached_region, split_cached_region)
+PIPELINE = (find_timestep_input, tag_blocks, find_cached_region, build_variants)
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,7 @@ class Rewritten:
     timestep_index: int | None  #: placeholder index of the timestep; None: follows another graph
     input_names: tuple[str, ...]  #: the forward's argument name of every placeholder
     region: CachedRegion
-    split: SplitGraphs
+    variants: Variants
 
 
 def rewrite(
@@ -58,28 +69,31 @@ def rewrite(
         timestep_index = None
     blocks = tag_blocks(gm)
     region = find_cached_region(gm, blocks, cache_block, calibrated_for)
-    split = split_cached_region(gm, region, example_inputs)
+    variants = build_variants(gm, region, example_inputs)
     names = tuple(user_input_name(n) for n in gm.graph.nodes if n.op == "placeholder")
-    return Rewritten(timestep_index, names, region, split)
+    return Rewritten(timestep_index, names, region, variants)
 
 
 __all__ = [
     "ARGS",
     "CACHE",
     "PIPELINE",
-    "PREFIX",
+    "OLDER",
+    "OLDEST",
     "Block",
     "CachedRegion",
     "Part",
+    "ROWS",
     "RegionError",
     "Rewritten",
-    "SplitGraphs",
+    "Variants",
+    "WEIGHTS",
+    "build_variants",
     "default_cache_block",
     "find_blocks",
     "find_cached_region",
     "find_timestep_input",
     "resolve_cache_block",
     "rewrite",
-    "split_cached_region",
     "tag_blocks",
 ]

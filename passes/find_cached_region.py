@@ -18,8 +18,8 @@ Note [Symbolic scalars]
 With dynamic shapes (``dynamic=True``, or Dynamo's automatic dynamic after a second
 resolution) the graph computes sizes (``s0 // 2``) and reads float attributes (``eps.item()``)
 as SymInt/SymFloat nodes, interleaved with the blocks. A scalar computed from graph inputs only
-(``derived_from_inputs``) is never cached or passed between the split graphs: every graph that
-needs it recomputes it from its own inputs (``split_cached_region``), so it always matches the
+(``derived_from_inputs``) is never cached: every graph that
+needs it recomputes it from its own inputs (``build_variants``), so it always matches the
 current call. Other scalars leaving the region (a size of a tensor inside it) are cached as
 plain numbers next to the tensors; the runtime's signature check (concrete input shapes per
 call) guarantees they are the ones this call would compute.

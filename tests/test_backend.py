@@ -398,13 +398,14 @@ def test_module_paths_read_as_users_know_them(path: str, want: str) -> None:
 
 
 def test_part_gather_takes_each_input_from_its_pool() -> None:
-    from passes.split_cached_region import ARGS, CACHE, PREFIX, Part
+    from passes.build_variants import ARGS, CACHE, ROWS, Part
 
-    args, prefix, cache = ("a0", "a1", "a2"), ("p0", "p1"), ("c0",)
-    plan = ((CACHE, 0), (ARGS, 2), (PREFIX, 1), (ARGS, 0))
+    args, cache, empty, rows = ("a0", "a1", "a2"), ("c0",), (), ("p0", "p1")
+    plan = ((CACHE, 0), (ARGS, 2), (ROWS, 1), (ARGS, 0))
     part = Part(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), plan, ())
-    assert part.gather(args, prefix, cache) == ("c0", "a2", "p1", "a0")
-    assert part.gather(("b0", "b1", "b2"), prefix, ("d0",)) == ("d0", "b2", "p1", "b0")
+    pools = (empty, empty, empty, rows)
+    assert part.gather(args, cache, *pools) == ("c0", "a2", "p1", "a0")
+    assert part.gather(("b0", "b1", "b2"), ("d0",), *pools) == ("d0", "b2", "p1", "b0")
     one = Part(part.gm, ((ARGS, 1),), ())
     assert one.gather(args) == ("a1",)
     assert Part(part.gm, (), ()).gather(args) == ()

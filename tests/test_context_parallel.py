@@ -72,7 +72,7 @@ PG_TIMEOUT = datetime.timedelta(seconds=120)
 
 
 # --------------------------------------------------------------------------------------------
-# A recording inner compiler: finds the cached region without relying on the runtime's insides
+# A recording inner compiler: finds the compute and reuse graphs without the runtime's insides
 # --------------------------------------------------------------------------------------------
 
 
@@ -82,17 +82,14 @@ class GraphRecord:
 
     collectives: dict[str, int]
     calls: int = 0
-    output_bytes: int = 0
-    """Bytes of the tensors the last call returned."""
 
 
 @dataclass(eq=False)  # hashable: Dynamo's registry keys backends by them
 class GraphRecorder:
     """An inner backend that compiles with aot_eager and records every graph and its calls.
 
-    The cached region is the graph that runs only on cache steps: its call count equals the
-    ``cache_steps`` counter while the other graphs run on every call. What it returns is what
-    the runtime keeps, so its output bytes are the cache of one branch.
+    Each call runs one graph (Note [One graph per call]): the compute graph's call count is
+    the ``cache_steps`` counter, the reuse graph's the ``reuse_steps`` counter.
     """
 
     graphs: list[GraphRecord] = field(default_factory=list)
@@ -113,19 +110,14 @@ class GraphRecorder:
         def run(*args: Any) -> Any:
             out = compiled(*args)
             record.calls += 1
-            values = out if isinstance(out, (tuple, list)) else (out,)
-            record.output_bytes = sum(
-                v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)
-            )
             return out
 
         return run
 
-    def region(self, cache_steps: int) -> GraphRecord:
-        found = [g for g in self.graphs if g.calls == cache_steps]
+    def called(self, times: int) -> GraphRecord:
+        found = [g for g in self.graphs if g.calls == times]
         assert len(found) == 1, (
-            f"expected one graph called only on the {cache_steps} cache steps, "
-            f"got calls {[g.calls for g in self.graphs]}"
+            f"expected one graph called {times} times, got calls {[g.calls for g in self.graphs]}"
         )
         return found[0]
 
@@ -152,7 +144,10 @@ class RunResult:
     outputs: list[torch.Tensor]
     counters: dict[str, int]
     graphs: list[GraphRecord]
-    region: GraphRecord
+    compute: GraphRecord
+    reuse: GraphRecord
+    cache_bytes: int
+    """Peak bytes the caches of the generation held."""
     samples: tuple[str, ...] = ()
     """BlockDance-Ada: the per-sample C/R patterns of the generation."""
     decisions: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -196,7 +191,9 @@ def run_blockdance(case: zoo.ZooCase, options: dict[str, Any] = OPTIONS) -> RunR
         outputs,
         stats,
         list(RECORDER.graphs),
-        RECORDER.region(stats["cache_steps"]),
+        RECORDER.called(stats["cache_steps"]),
+        RECORDER.called(stats["reuse_steps"]),
+        bd_compile.stats(compiled).last.cache_bytes,
         bd_compile.stats(compiled).last.samples,
         decisions,
     )
@@ -353,13 +350,14 @@ def test_context_parallel_ranks_agree_and_match_non_parallel(
         assert got.counters["graphs_rewritten"] >= 1, (where, got.counters)
         assert got.counters["fallbacks"] == 0, (where, got.counters)
         assert got.counters["reuse_steps"] > 0, (where, got.counters)
-        # The collectives of the skipped blocks are inside the cached region.
-        assert got.region.collectives.get(collective, 0) >= 1, (where, got.graphs)
+        # The collectives of the skipped blocks are not in the reuse graph.
+        computed = got.compute.collectives.get(collective, 0)
+        assert computed > got.reuse.collectives.get(collective, 0), (where, got.graphs)
         # Each rank caches its sequence shard: half the non-parallel cache.
-        assert got.region.output_bytes * WORLD == non_parallel.region.output_bytes, (
+        assert got.cache_bytes * WORLD == non_parallel.cache_bytes, (
             where,
-            got.region.output_bytes,
-            non_parallel.region.output_bytes,
+            got.cache_bytes,
+            non_parallel.cache_bytes,
         )
         assert len(got.outputs) == len(non_parallel.outputs) == STEPS
         for step, (out, ref) in enumerate(zip(got.outputs, non_parallel.outputs, strict=True)):

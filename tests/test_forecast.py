@@ -11,7 +11,7 @@ from reference import progress_plan, progress_values, run_reference_loop
 from torch._dynamo.utils import counters
 
 import bd_compile
-from bd_compile.runtime import lagrange_weights
+from bd_compile.calls import lagrange_weights
 
 
 def test_lagrange_weights_reproduce_polynomials() -> None:

@@ -72,7 +72,7 @@ def fake_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     def compile_fx(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw: Any) -> Any:
         if (kw.get("config_patches") or {}).get("triton.cudagraphs"):
             return _static_outputs(gm.forward)
-        return gm.forward  # forecast's small combine graph: no CUDA graphs there
+        return gm.forward
 
     monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", compile_fx)
 

@@ -1,0 +1,93 @@
+"""Note [One graph per call]: every call of a rewritten graph runs exactly one compiled graph
+(``compute`` on cache steps, ``reuse`` or ``forecast`` on reuse steps), and a variant compiles
+only when a call first needs it (Note [Variants compile when first needed])."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import zoo
+from bd_testing import TOL, assert_rewritten_and_reused, cache_block, model_timesteps
+from reference import progress_plan, run_reference_loop
+from torch._dynamo.utils import counters
+
+#: per compiled graph (by its class name, in compile order): calls so far
+CALLS: Counter[str] = Counter()
+#: (graph name, the model call, counted from 1, during which it compiled), in compile order
+COMPILED: list[tuple[str, int]] = []
+MODEL_CALLS = [0]
+
+
+def _recording(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """An inner compiler that runs each graph eagerly and counts its calls."""
+    name = type(gm).__name__
+    COMPILED.append((name, MODEL_CALLS[0]))
+
+    def run(*args: Any) -> Any:
+        CALLS[name] += 1
+        return gm.forward(*args)
+
+    return run
+
+
+@pytest.fixture
+def recorded() -> None:
+    from torch._dynamo.backends.registry import register_backend
+
+    if "bd_variant_recorder" not in torch._dynamo.list_backends(exclude_tags=()):
+        register_backend(_recording, name="bd_variant_recorder")
+    CALLS.clear()
+    COMPILED.clear()
+    MODEL_CALLS[0] = 0
+
+
+def _run(case: zoo.ZooCase, steps: int, options: dict[str, Any]) -> zoo.LoopResult:
+    compiled = torch.compile(
+        case.model, backend="blockdance", options={"inner": "bd_variant_recorder", **options}
+    )
+
+    def counted(**kwargs: Any) -> Any:
+        MODEL_CALLS[0] += 1
+        return compiled(**kwargs)
+
+    return zoo.run_loop(case, counted, steps, cfg="batched")
+
+
+@pytest.mark.usefixtures("recorded")
+def test_each_call_runs_one_graph_and_reuse_compiles_at_the_first_reuse_step() -> None:
+    case, steps = zoo.get("zoo_dit"), 10
+    got = _run(case, steps, {})
+    plan = progress_plan(model_timesteps(case, steps))
+    assert_rewritten_and_reused(sum(plan))
+    c = counters["blockdance"]
+    assert CALLS == {"BlockDance_compute": c["cache_steps"], "BlockDance_reuse": c["reuse_steps"]}
+    assert sum(CALLS.values()) == MODEL_CALLS[0] == steps
+    first_reuse = plan.index(True) + 1
+    assert COMPILED == [("BlockDance_compute", 1), ("BlockDance_reuse", first_reuse)]
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)
+
+
+@pytest.mark.usefixtures("recorded")
+def test_a_model_that_never_reuses_compiles_only_the_compute_graph() -> None:
+    _run(zoo.get("zoo_dit"), 6, {"interval": 1})
+    assert counters["blockdance"]["graphs_rewritten"] == 1
+    assert counters["blockdance"]["reuse_steps"] == 0
+    assert [name for name, _ in COMPILED] == ["BlockDance_compute"]
+
+
+@pytest.mark.usefixtures("recorded")
+def test_forecast_steps_run_the_forecast_graph_once_enough_cache_steps_exist() -> None:
+    case, steps = zoo.get("zoo_dit"), 12
+    got = _run(case, steps, {"forecast": 1, "interval": 3, "window": (0.2, 0.95)})
+    c = counters["blockdance"]
+    assert_rewritten_and_reused()
+    assert CALLS["BlockDance_compute"] == c["cache_steps"]
+    assert CALLS["BlockDance_forecast"] > 0
+    assert CALLS["BlockDance_forecast"] + CALLS["BlockDance_reuse"] == c["reuse_steps"]
+    assert sum(CALLS.values()) == MODEL_CALLS[0]
+    assert torch.isfinite(got.latents).all()  # golden values: tests/test_forecast.py
