@@ -1,33 +1,30 @@
 #!/usr/bin/env bash
-# The one prepared script for a session that is lent the device tool's H100/H200 (issues 9 and 11).
-# It does two jobs in one call of at most ~9.5 minutes:
+# The one prepared script for a session that is lent the device tool's H100/H200 (issue 18,
+# items 1 and 5). One call of at most ~9.5 minutes, nothing else on the GPU:
 #
-#  1. trains the colour reference DiT (issue 9) on the GPU, from scratch, for TRAIN_MIN minutes
-#     (16 blocks x 128, batch 2048, lr 1e-3, as the MNIST model was trained on an H200), evaluated
-#     with the committed colour classifier; meanwhile the speed benchmark's graphs are compiled
-#     (`benchmarks.speed --warm-only`, both shapes at once) so that the inductor cache is warm;
-#  2. after both: the timed speed benchmark (issue 11, item 4) on an otherwise idle GPU.
-#     Both parts: PixArt-shaped DiT, random weights, 28 blocks x 1152 (18 heads x 64), bf16,
-#     batch 2 = batched CFG; eager / inductor / inductor + CUDA graphs / blockdance N=2,3,4 with
-#     and without CUDA graphs, --counted (bd_compile.generation with the loop's timesteps, and
-#     one sync-debug-mode "error" check generation per blockdance model), median of 2.
-#       (a) PixArt-alpha 1024px: latent 128 (4,096 tokens), DPM-Solver++ 30 steps.
-#       (b) DiT-XL/2's shape at 512px: latent 64 (1,024 tokens), DDIM 50 steps (PixArt's blocks:
-#           the caption of its table says so).
+#  1. compile warm-up of both speed shapes at once (`benchmarks.speed --warm-only`), so the timed
+#     parts measure warm graphs;
+#  2. the timed speed benchmark: PixArt-shaped DiT, random weights, 28 blocks x 1152 (18 heads x
+#     64), bf16, batch 2 = batched CFG; eager / inductor / inductor + CUDA graphs / blockdance
+#     N=2,4 with and without CUDA graphs, --counted (bd_compile.generation with the loop's
+#     timesteps, and one sync-debug-mode "error" check generation per blockdance model),
+#     median of 3 interleaved repeats:
+#       (a) 4,096 tokens (PixArt-alpha 1024px: latent 128), DPM-Solver++ 30 steps;
+#       (b) 1,024 tokens (DiT-XL/2's shape at 512px: latent 64), DDIM 50 steps;
+#  3. `benchmarks.overhead --device cuda` at 1,024 tokens x 1152: host microseconds per call and
+#     the torch.profiler breakdown (issue 18, item 1 on a GPU).
 #
-# Prepare, here, in the root of the checkout the session was started in (git-ignored folder):
+# Prepare, here, in the root of the checkout (git-ignored folder):
 #
 #   pip download diffusers==0.42.1 --no-deps -d .devcarry/
-#   python -m benchmarks.reference.colour.data --export .devcarry/emoji32.npz   # needs the font
 #
 # then call the device tool once:
 #
 #   run(command="bash benchmarks/gpu.sh", carry=[".devcarry"], timeout_s=595)
 #
 # What comes back under files_at: env.txt (versions, part timings), logs.tar.gz (every log),
-# colour.tar.gz (the trained model folder: config, fp16 weights, scheduler, loss curve, sample
-# grid, training.json with accuracy/FID), and speed-gpu-<gpu>-<part>.md/.csv. Unpack colour.tar.gz
-# into benchmarks/reference/colour/model and copy the .md/.csv into benchmarks/results/.
+# speed-gpu-<gpu>-<part>.md/.csv and overhead-gpu-<gpu>.md/.json: copy them into
+# benchmarks/results/.
 #
 # The device machine has torch 2.11 (CUDA 13), Python 3.12 and every diffusers dependency but no
 # diffusers: the wheel in .devcarry/ is installed with --no-deps into /tmp/site.
@@ -41,7 +38,6 @@ mkdir -p "$OUT" /tmp/gpu-logs
 LOGS=/tmp/gpu-logs
 START=$(date +%s)
 BUDGET=${BUDGET:-565}        # seconds until the last part must have stopped
-TRAIN_MIN=${TRAIN_MIN:-3.5}  # colour training loop, minutes
 WARM_S=${WARM_S:-250}        # the compile warm-up's limit
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
@@ -57,12 +53,11 @@ fi
 if [[ -n "${GPU_SMOKE:-}" ]]; then  # CPU smoke: tiny shapes, seconds
   DEV=(--device cpu --dtype float32 --blocks 2 --width 64 --repeats 1 --intervals 2)
   SHAPE_A=(--latent 8) SHAPE_B=(--latent 8)
-  TRAIN=(--device cpu --num-layers 2 --batch-size 16 --max-steps 5 --eval-samples 18
-         --sample-steps 3 --samples-per-class 1)
+  OVERHEAD=(--device cpu --blocks 2 --width 64 --latent 4 --steps 4 --repeats 1)
 else
-  DEV=(--device cuda --dtype bfloat16 --blocks 28 --width 1152 --repeats 2)
+  DEV=(--device cuda --dtype bfloat16 --blocks 28 --width 1152 --repeats 3 --intervals 2 4)
   SHAPE_A=(--latent 128) SHAPE_B=(--latent 64)
-  TRAIN=(--device cuda --batch-size 2048 --lr 1e-3 --warmup-steps 300 --log-every 200)
+  OVERHEAD=(--device cuda --blocks 28 --width 1152 --latent 64 --steps 50 --repeats 3)
 fi
 GPU=$($PY -c 'import re, torch; m = torch.cuda.is_available() and re.search(r"[A-Z]\d{2,}", torch.cuda.get_device_name()); print(m.group(0).lower() if m else "nogpu")')
 {
@@ -74,27 +69,16 @@ GPU=$($PY -c 'import re, torch; m = torch.cuda.is_available() and re.search(r"[A
 cat "$OUT/env.txt"
 note() { echo "[$(elapsed) s] $*" | tee -a "$OUT/env.txt"; }
 
-# --- 1. colour training (background) beside the compile warm-up of both benchmark shapes ---
-note "colour training: ${TRAIN_MIN} min"
-$PY -m benchmarks.reference.train --dataset colour --data .devcarry/emoji32.npz "${TRAIN[@]}" \
-  --budget-minutes "$TRAIN_MIN" --checkpoint-every 1000000 --out /tmp/colour/model \
-  --checkpoint-dir /tmp/colour/ckpt \
-  --classifier benchmarks/reference/colour/classifier.safetensors >"$LOGS/train.log" 2>&1 &
-TRAIN_PID=$!
+# --- 1. compile warm-up of both shapes ---
 COMMON=(--cudagraphs --counted --no-compile-times "${DEV[@]}")
 timeout --kill-after=10 "$WARM_S" $PY -m benchmarks.speed "${COMMON[@]}" --warm-only \
-  --intervals 2 --repeats 1 --tag warm-a "${SHAPE_A[@]}" --scenarios dpm30 >"$LOGS/warm-a.log" 2>&1 &
+  --repeats 1 --tag warm-a "${SHAPE_A[@]}" --scenarios dpm30 >"$LOGS/warm-a.log" 2>&1 &
 WARM_A=$!
 timeout --kill-after=10 "$WARM_S" $PY -m benchmarks.speed "${COMMON[@]}" --warm-only \
-  --intervals 2 --repeats 1 --tag warm-b "${SHAPE_B[@]}" --scenarios ddim50 >"$LOGS/warm-b.log" 2>&1 &
+  --repeats 1 --tag warm-b "${SHAPE_B[@]}" --scenarios ddim50 >"$LOGS/warm-b.log" 2>&1 &
 WARM_B=$!
 wait $WARM_A; note "warm-up a: rc $?"
 wait $WARM_B; note "warm-up b: rc $?"
-wait $TRAIN_PID; note "colour training: rc $?"
-tail -n 4 "$LOGS/train.log"
-if [[ -d /tmp/colour/model ]]; then
-  tar -C /tmp/colour -czf "$OUT/colour.tar.gz" model
-fi
 
 # --- 2. the timed benchmark, GPU otherwise idle ---
 part() {  # part NAME LIMIT_S ARGS...
@@ -108,9 +92,18 @@ part() {  # part NAME LIMIT_S ARGS...
   tail -n 20 "$LOGS/$name.log"
 }
 LEFT=$(( BUDGET - $(elapsed) ))
-part pixart1024 $(( LEFT * 55 / 100 )) "${SHAPE_A[@]}" --scenarios dpm30
-part dit512 $(( BUDGET - $(elapsed) )) "${SHAPE_B[@]}" --scenarios ddim50 \
+part pixart1024 $(( LEFT * 45 / 100 )) "${SHAPE_A[@]}" --scenarios dpm30
+part dit512 $(( (BUDGET - $(elapsed)) * 60 / 100 )) "${SHAPE_B[@]}" --scenarios ddim50 \
   --note "DiT-XL/2's shape (28 x 1152, 1,024 tokens) with PixArt's blocks: speed.py builds only PixArt-shaped models (cross-attention to 16 text tokens instead of DiT's class label)."
+
+# --- 3. host overhead per call at 1,024 tokens, with its profile ---
+t0=$(date +%s)
+note "overhead (limit $(( BUDGET - $(elapsed) )) s)"
+timeout --kill-after=10 $(( BUDGET - $(elapsed) )) $PY -m benchmarks.overhead "${OVERHEAD[@]}" \
+  --tag "gpu-$GPU" >"$LOGS/overhead.log" 2>&1
+note "overhead: rc $?, $(( $(date +%s) - t0 )) s"
+cp benchmarks/results/overhead-gpu-"$GPU".{md,json} "$OUT"/ 2>/dev/null || true
+tail -n 30 "$LOGS/overhead.log"
 
 note "total"
 tar -C "$LOGS" -czf "$OUT/logs.tar.gz" .
