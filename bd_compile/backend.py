@@ -21,6 +21,7 @@ from torch._dynamo.exc import RestartAnalysis, SkipFrame
 from torch._dynamo.utils import counters
 
 from bd_compile import settings as settings_mod
+from bd_compile.fallback import explain_fallback
 from bd_compile.layout import CachedValue, Layout
 from bd_compile.loop import LoopState, state_for
 from bd_compile.runtime import CompiledFn, GraphRuntime, TimestepReader
@@ -190,19 +191,21 @@ def compile_graph(
     patches = settings_mod.inductor_config_patches(s)
     inner = resolve_inner(s.inner, patches)
     params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
-    state = state_for(owner if owner is not None else graph_owner(gm), s, params)
+    owner = owner if owner is not None else graph_owner(gm)
+    state = state_for(owner, s, params)
     try:
         cudagraphs = bool(patches.get("triton.cudagraphs"))
         runtime = build_runtime(gm, example_inputs, s, inner, state, calibrated_for, cudagraphs)
     except (RestartAnalysis, SkipFrame):
         raise  # Dynamo's signals (retrace with floats specialized, ...), not failures
     except Exception as e:
+        why = explain_fallback(gm, owner, _reason(e))
         if s.strict:
-            raise BlockDanceError(f"blockdance could not rewrite the graph: {_reason(e)}") from e
+            raise BlockDanceError(f"blockdance could not rewrite the graph: {why.text}") from e
         counters["blockdance"]["fallbacks"] += 1
-        log.warning(
+        (log.warning if why.first() else log.debug)(
             "blockdance: graph left uncached (%s); compiling it with %r unchanged",
-            _reason(e),
+            why.text,
             s.inner,
         )
         fn = inner(gm, list(example_inputs))

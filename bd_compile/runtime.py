@@ -9,11 +9,11 @@ steps with their progress ``x_i`` along the trajectory. A reuse step at progress
 blocks after the region the polynomial through those points evaluated at ``x`` (TaylorSeer-style
 finite differences, written as Lagrange weights ``w_i = prod_{j != i} (x - x_j) / (x_i - x_j)``:
 order 1 is linear from the last two cache steps, order 2 quadratic from three). The weights are
-computed on the host from scalars (``calls.answer``) and passed as a tensor input of the ``forecast`` variant,
-which sums ``oldest * w0 + older * w1 + last * w2`` inside (order 1: ``w0 = 0``, ``oldest`` is
-``older``), so changing ``forecast`` or the step never recompiles. Until ``k + 1`` cache steps
-exist, a reuse step copies. Numbers cached next to the tensors (sizes) are taken from the last
-cache step.
+computed on the host from scalars (``calls.answer``) and passed as a tensor input of the
+``forecast`` variant, which sums ``oldest * w0 + older * w1 + last * w2`` inside (order 1:
+``w0 = 0``, ``oldest`` is ``older``), so changing ``forecast`` or the step never recompiles.
+Until ``k + 1`` cache steps exist, a reuse step copies. Numbers cached next to the tensors
+(sizes) are taken from the last cache step.
 
 Note [Variants compile when first needed]
 ``compute`` compiles with the graph. The others compile at the first call that needs them

@@ -89,15 +89,26 @@ def test_split_is_deterministic_stratified_and_disjoint(
     assert split.train_images.shape[0] == len(train) and split.held_out_labels.shape == (len(held),)
 
 
-@needs_font
-def test_npz_round_trip_needs_no_font(
-    emoji: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
-) -> None:
-    images, labels = emoji
+#: three rendered emoji (export_npz's format), committed so that this runs without the font;
+#: made by ``PYTHONPATH=. python tests/data/make_colour_sample.py``
+SAMPLE_NPZ = Path(__file__).resolve().parent / "data" / "emoji32_sample.npz"
+
+
+def test_npz_round_trip_needs_no_font(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(colour_data, "FONT_PATH", tmp_path / "absent.ttf")  # as if not installed
+    monkeypatch.setattr(colour_data, "EMOJI_TEST_PATH", tmp_path / "absent.txt")
+    with np.load(SAMPLE_NPZ) as npz:
+        raw, raw_labels = npz["images"], npz["labels"]
+    images, labels = load_colour(SAMPLE_NPZ)
+    assert images.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE) and images.dtype == torch.float32
+    assert labels.tolist() == [0, 3, 8] and labels.dtype == torch.int64
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    assert images[:, :, 0, 0].mean() > 0.95  # composited on white
+    assert np.array_equal(tensor_to_uint8(images), raw) and np.array_equal(labels, raw_labels)
     path = tmp_path / "emoji.npz"
-    np.savez(path, images=tensor_to_uint8(images[:50]), labels=labels[:50].numpy())
+    np.savez(path, images=tensor_to_uint8(images), labels=labels.numpy())
     x, y = load_colour(path)
-    assert torch.equal(x, images[:50]) and torch.equal(y, labels[:50])
+    assert torch.equal(x, images) and torch.equal(y, labels)
 
 
 def test_missing_font_names_the_apt_package(
