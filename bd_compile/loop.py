@@ -74,6 +74,7 @@ class Member(Protocol):
     def layout(self) -> Layout | None:
         """What was found and cached; ``None``: a piece without blocks that reads the timestep."""
 
+
 log = logging.getLogger(__name__)
 
 # Calls of one graph at one step beyond this many are not cached: a loop that calls the model
