@@ -18,8 +18,9 @@ Until ``k + 1`` cache steps exist, a reuse step copies. Numbers cached next to t
 Note [Variants compile when first needed]
 ``compute`` compiles with the graph. The others compile at the first call that needs them
 (``reuse`` at the first reuse step: a model that never reuses pays no compile for it), from that
-call's real tensors, with the same inner compiler. Two cases compile them with the graph instead,
-from the trace's fake inputs: symbolic shapes (a variant compiled later from real tensors would
+call's tensors (as static-shape fake tensors, so inductor's FX graph cache serves them), with
+the same inner compiler. Two cases compile them with the graph instead, from the trace's fake
+inputs: symbolic shapes (a variant compiled later from real tensors would
 be specialised to their shapes; one still compiled later, a forecast asked for by
 ``set_schedule`` after compiling, is compiled per concrete signature), and CUDA graphs
 (a conservative choice, not measured on a GPU here: every CUDA-graph compile stays inside the
@@ -33,6 +34,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from bd_compile.calls import FORECAST, MIXED, REUSE, answer, decide_after
 from bd_compile.keys import Signature, Slot
@@ -48,6 +51,17 @@ CompiledFn = Callable[..., Any]
 def _cloned(values: tuple[Any, ...]) -> tuple[Any, ...]:
     """Tensors copied (a CUDA-graph replay overwrites its outputs), other values as they are."""
     return tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def _fake_inputs(inputs: Sequence[Any]) -> list[Any]:
+    """A call's tensors as static-shape fake tensors of a fresh mode with a shape env: what the
+    inner compiler needs to look up and fill inductor's FX graph cache after Dynamo's trace is
+    over (real tensors compile too, but bypass the cache: "No shape env")."""
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    return [
+        mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+        for x in inputs
+    ]
 
 
 def read_timestep(arg: Any) -> float:
@@ -111,7 +125,7 @@ class GraphRuntime:
             fn = self.compiled.get(key)
             if fn is None:
                 log.info("blockdance: compiling the %s graph (first call that needs it)", name)
-                fn = self.compiled[key] = self.inner(part.gm, list(inputs))
+                fn = self.compiled[key] = self.inner(part.gm, _fake_inputs(inputs))
         return fn(*inputs)
 
     def _finish(self, outputs: Sequence[Any]) -> Any:

@@ -91,3 +91,16 @@ def test_forecast_steps_run_the_forecast_graph_once_enough_cache_steps_exist() -
     assert CALLS["BlockDance_forecast"] + CALLS["BlockDance_reuse"] == c["reuse_steps"]
     assert sum(CALLS.values()) == MODEL_CALLS[0]
     assert torch.isfinite(got.latents).all()  # golden values: tests/test_forecast.py
+
+
+def test_graphs_compiled_at_their_first_call_use_inductors_graph_cache() -> None:
+    """The reuse graph compiles after Dynamo's trace (Note [Variants compile when first
+    needed]); from real tensors inductor would bypass its FX graph cache ("No shape env") and
+    every process would compile it anew."""
+    case, steps = zoo.get("zoo_dit"), 6
+    compiled = torch.compile(case.model, backend="blockdance")
+    zoo.run_loop(case, compiled, steps, cfg="batched")
+    assert_rewritten_and_reused()
+    inductor = counters["inductor"]
+    assert inductor["fxgraph_cache_bypass"] == 0, dict(inductor)
+    assert inductor["fxgraph_cache_hit"] + inductor["fxgraph_cache_miss"] == 2, dict(inductor)
