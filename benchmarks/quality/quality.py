@@ -34,7 +34,7 @@ from benchmarks.quality.plan import (
     plan_methods,
     timesteps_of,
 )
-from benchmarks.quality.report import REAL_FLOOR
+from benchmarks.quality.verdicts import REAL_FLOOR
 from benchmarks.reference.classifier import predict
 
 
