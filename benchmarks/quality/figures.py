@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quality.verdicts import FAMILY_LABEL, REAL_FLOOR, Entry
+from benchmarks.quality.verdicts import FAMILY_LABEL, Entry, pareto_front
 
 MARKERS = {
     "full": ("*", "black"),
@@ -34,80 +34,91 @@ def _short(name: str) -> str:
     )
 
 
-def pareto_plot(groups: dict[str, list[Entry]], measured: bool, path: Path) -> None:
+def plotted(entries: list[Entry], measured: bool) -> list[Entry]:
+    """The points of a Pareto panel: every method with a speed and a finite PSNR (not the full
+    output itself, identical to itself, nor the floors)."""
+    return [
+        e
+        for e in entries
+        if e.family in MARKERS
+        and e.family != "full"
+        and e.q
+        and not math.isnan(e.speed(measured))
+        and math.isfinite(e.get("psnr"))
+        and e.get("psnr") < 99.99  # "identical" rows
+    ]
+
+
+def pareto_plot(
+    groups: dict[str, list[Entry]], measured: bool, path: Path, title: str = ""
+) -> None:
+    """One panel per sampler: speedup on x, PSNR to the full output on y (± its standard error),
+    one marker per method family in one legend; only the Pareto front is labelled, by number
+    with a key under its panel (the other rows are in the report's table), the other-seed floor
+    dashed, full at 1x dotted."""
     import matplotlib  # optional (the ``bench`` extra): only the PNGs need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after use("Agg"): no GUI backend
 
-    scenarios = list(groups)
-    fig, axes = plt.subplots(2, len(scenarios), figsize=(6.5 * len(scenarios), 9), squeeze=False)
-    for col, sc in enumerate(scenarios):
-        entries = groups[sc]
-        by_name = {e.name: e for e in entries}
-        for row, (metric, label) in enumerate(
-            (
-                ("ssim", "SSIM vs full output (higher: closer)"),
-                ("fid", "FID vs training images (lower: better)"),
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 5.5), squeeze=False)
+    for ax, (sc, entries) in zip(axes[0], groups.items(), strict=True):
+        pts = plotted(entries, measured)
+        for fam, (marker, color) in MARKERS.items():
+            mine = [e for e in pts if e.family == fam]
+            if not mine:
+                continue
+            ax.errorbar(
+                [e.speed(measured) for e in mine],
+                [e.get("psnr") for e in mine],
+                yerr=[0.0 if math.isnan(se := e.get("psnr_se")) else se for e in mine],
+                fmt=marker,
+                color=color,
+                capsize=2,
+                ms=6,
+                alpha=0.85,
+                label=FAMILY_LABEL[fam],
+                linestyle="none",
             )
-        ):
-            ax = axes[row][col]
-            for fam, (marker, color) in MARKERS.items():
-                pts = [
-                    e
-                    for e in entries
-                    if e.family == fam and e.q and not math.isnan(e.speed(measured))
-                ]
-                if not pts:
-                    continue
-                xs = [e.speed(measured) for e in pts]
-                ys = [e.get(metric) for e in pts]
-                err = [
-                    0.0 if math.isnan(e.get(f"{metric}_se")) else e.get(f"{metric}_se") for e in pts
-                ]
-                ax.errorbar(
-                    xs,
-                    ys,
-                    yerr=err,
-                    fmt=marker,
-                    color=color,
-                    capsize=3,
-                    ms=7,
-                    label=FAMILY_LABEL[fam],
-                    linestyle="none",
-                )
-                for e, x, y in zip(pts, xs, ys, strict=True):
-                    if fam != "full":
-                        ax.annotate(
-                            _short(e.name),
-                            (x, y),
-                            fontsize=6,
-                            xytext=(3, 3),
-                            textcoords="offset points",
-                        )
-            other = by_name.get("full, other seeds")
-            real = by_name.get(REAL_FLOOR) or by_name.get("real held-out digits")
-            if metric == "ssim" and other is not None:
-                ax.axhline(
-                    other.get("ssim"), ls="--", color="gray", lw=1, label="floor: full, other seed"
-                )
-            if metric == "fid" and real is not None:
-                ax.axhline(
-                    real.get("fid"), ls="--", color="gray", lw=1, label="floor: real held-out"
-                )
-            ys_all = [e.get(metric) for e in entries if e.q and not math.isnan(e.get(metric))]
-            if metric == "fid" and ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 20:
-                ax.set_yscale("log")
-            ax.set_title(f"{sc}")
-            ax.set_xlabel(
-                "speedup over plain inductor (CPU, measured)" if measured else "FLOP-bound speedup"
+        front = pareto_front(pts, measured, "psnr")
+        xs, ys = [e.speed(measured) for e in front], [e.get("psnr") for e in front]
+        ax.plot(xs, ys, color="grey", lw=0.8, zorder=0, label="Pareto front (numbered)")
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            ax.annotate(
+                str(i + 1),
+                (x, y),
+                textcoords="offset points",
+                xytext=(5, 5 if i % 2 else -12),  # alternate sides: neighbours do not overlap
+                fontsize=8,
             )
-            ax.set_ylabel(label)
-            ax.grid(True, alpha=0.3)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7, loc="lower left")
+        key = [
+            f"{i + 1}: {_short(e.name)} ({e.speed(measured):.2f}x, {e.get('psnr'):.1f} dB)"
+            for i, e in enumerate(front)
+        ]
+        ax.text(0, -0.13, "\n".join(key), transform=ax.transAxes, va="top", fontsize=7)
+        other = next((e for e in entries if e.name == "full, other seeds"), None)
+        if other is not None and math.isfinite(other.get("psnr")):
+            ax.axhline(
+                other.get("psnr"), ls="--", color="gray", lw=1, label="floor: full, other seed"
+            )
+        ax.axvline(1.0, color="black", lw=0.5, ls=":")
+        ax.set_title(sc)
+        ax.set_xlabel(
+            "speedup over plain inductor (CPU, measured)" if measured else "FLOP-bound speedup"
+        )
+        ax.set_ylabel("PSNR vs full output (dB, higher: closer)")
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # a family missing from the first panel
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(handles, labels, loc="upper center", ncol=5, fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # with the keys and legend below
     plt.close(fig)
 
 
