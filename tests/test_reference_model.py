@@ -23,7 +23,7 @@ from benchmarks.reference.sampling import (
     model_denoiser,
     sample,
 )
-from benchmarks.reference.train import disable_internal_label_dropout
+from benchmarks.reference.training import disable_internal_label_dropout
 
 MODEL_DIR = REFERENCE_MODEL
 
