@@ -35,7 +35,7 @@ from benchmarks.quality.plan import (
     timesteps_of,
 )
 from benchmarks.quality.verdicts import REAL_FLOOR
-from benchmarks.reference.classifier import predict
+from benchmarks.reference.classifier_common import predict
 
 
 @dataclass

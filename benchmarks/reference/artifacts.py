@@ -162,7 +162,7 @@ def evaluate_samples(
     split = data.split
     from benchmarks.fid import fid
     from benchmarks.reference import load_dataset_classifier
-    from benchmarks.reference.classifier import predict
+    from benchmarks.reference.classifier_common import predict
 
     clf = load_dataset_classifier(cfg.dataset, cfg.classifier, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
