@@ -65,6 +65,7 @@ def test_loading_the_shipped_model_without_accelerate_asks_for_nothing(
     "install accelerate" / low_cpu_mem_usage when it is absent. diffusers logs through its own
     "diffusers" logger (not propagated to the root, so caplog misses it): a handler reads it."""
     import diffusers.models.modeling_utils as modeling_utils
+    from diffusers.utils import logging as diffusers_logging
 
     records: list[str] = []
 
@@ -75,6 +76,8 @@ def test_loading_the_shipped_model_without_accelerate_asks_for_nothing(
     handler = Collect(logging.WARNING)
     logging.getLogger("diffusers").addHandler(handler)
     monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: False)
+    verbosity = diffusers_logging.get_verbosity()  # the benchmarks' CLIs set it to errors
+    diffusers_logging.set_verbosity_warning()
     try:
         # the control: diffusers' default loading does warn with accelerate "absent"
         DiTTransformer2DModel.from_pretrained(REFERENCE_MODEL, local_files_only=True)
@@ -83,6 +86,7 @@ def test_loading_the_shipped_model_without_accelerate_asks_for_nothing(
         load_reference(REFERENCE_MODEL)
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
+        diffusers_logging.set_verbosity(verbosity)
     assert not [r for r in records if "accelerate" in r or "low_cpu_mem_usage" in r], records
 
 
