@@ -111,7 +111,11 @@ def load_reference(
     class_name = json.loads(config.read_text()).get("_class_name")
     if class_name != DiTTransformer2DModel.__name__:
         raise ValueError(f"expected a saved DiTTransformer2DModel, got {class_name!r} in {config}")
-    model = DiTTransformer2DModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    # low_cpu_mem_usage=False: diffusers' default (True) asks for accelerate and, without it,
+    # warns on every load before falling back to this same path; a DiT this size loads as fast.
+    model = DiTTransformer2DModel.from_pretrained(
+        folder, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
+    )
     cast(torch.nn.Module, model).to(device=device).eval()
     found = _scheduler_folder(folder)
     if found is None:

@@ -31,6 +31,15 @@
 #
 # CPU smoke of the plumbing (tiny everything; how it is checked here):
 #   OUT=/tmp/gpu-smoke GPU_SMOKE=1 bash benchmarks/gpu.sh
+#
+# PART=peers instead runs only `python -m benchmarks.peers_gpu` (issue 20: FLUX.1-dev's
+# transformer, random weights, bf16, 1024 px, 28 steps: inductor with and without CUDA graphs,
+# BlockDance static and calibrated + forecast, cache-dit + torch.compile at the same computed
+# block fraction; its own 510 s budget) and copies peers-gpu-<gpu>.md/.json into $OUT. Its
+# cache-dit rows need the wheel too (else they say "not run"):
+#   pip download cache-dit==1.5.3 --no-deps -d .devcarry/
+#   run(command="PART=peers bash benchmarks/gpu.sh", carry=[".devcarry"], timeout_s=595)
+# CPU smoke: OUT=/tmp/peers-smoke PART=peers GPU_SMOKE=1 bash benchmarks/gpu.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-out}"
@@ -48,6 +57,20 @@ if ! $PY -c "import diffusers" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .devcarry/diffusers-*.whl || { echo "no diffusers wheel in .devcarry/ (see header)"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [[ "${PART:-}" == peers ]]; then  # issue 20's peers at FLUX.1-dev's size, alone
+  if ! $PY -c "import cache_dit" 2>/dev/null && ls .devcarry/cache_dit-*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .devcarry/cache_dit-*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  PEERS=(); [[ -n "${GPU_SMOKE:-}" ]] && PEERS=(--tiny --compiler eager --repeats 1)
+  timeout --kill-after=10 560 $PY -m benchmarks.peers_gpu --results "$OUT" "${PEERS[@]}" \
+    2>&1 | tee "$LOGS/peers.log"
+  tar -C "$LOGS" -czf "$OUT/logs.tar.gz" .
+  ls -la "$OUT"
+  exit 0
 fi
 
 if [[ -n "${GPU_SMOKE:-}" ]]; then  # CPU smoke: tiny shapes, seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from benchmarks.reference.sampling import (
     model_denoiser,
     sample,
 )
-from benchmarks.reference.train import disable_internal_label_dropout
+from benchmarks.reference.training import disable_internal_label_dropout
 
 MODEL_DIR = REFERENCE_MODEL
 
@@ -55,6 +56,38 @@ def test_shipped_weights_load_offline_and_run_a_forward() -> None:
     assert scheduler.config["prediction_type"] == "epsilon"
     info = json.loads((MODEL_DIR / "training.json").read_text())
     assert info["steps"] > 0
+
+
+def test_loading_the_shipped_model_without_accelerate_asks_for_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accelerate is no dependency: load_reference must not take diffusers' path that warns
+    "install accelerate" / low_cpu_mem_usage when it is absent. diffusers logs through its own
+    "diffusers" logger (not propagated to the root, so caplog misses it): a handler reads it."""
+    import diffusers.models.modeling_utils as modeling_utils
+    from diffusers.utils import logging as diffusers_logging
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger("diffusers").addHandler(handler)
+    monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: False)
+    verbosity = diffusers_logging.get_verbosity()  # the benchmarks' CLIs set it to errors
+    diffusers_logging.set_verbosity_warning()
+    try:
+        # the control: diffusers' default loading does warn with accelerate "absent"
+        DiTTransformer2DModel.from_pretrained(REFERENCE_MODEL, local_files_only=True)
+        assert any("accelerate" in r for r in records), records
+        records.clear()
+        load_reference(REFERENCE_MODEL)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+        diffusers_logging.set_verbosity(verbosity)
+    assert not [r for r in records if "accelerate" in r or "low_cpu_mem_usage" in r], records
 
 
 def test_adaln_zero_init_makes_the_model_predict_zero() -> None:

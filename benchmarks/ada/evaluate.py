@@ -40,7 +40,7 @@ from benchmarks.ada.rollout import Prefix
 from benchmarks.common import flop_bound_speedup, log, machine, write_csv
 from benchmarks.fid import fid
 from benchmarks.quality.plan import seeded_inputs
-from benchmarks.reference.classifier import predict
+from benchmarks.reference.classifier_common import predict
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

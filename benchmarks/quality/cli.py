@@ -16,7 +16,7 @@ from bd_compile.analysis.calibration import load_calibration
 from bd_compile.data import REFERENCE_MODEL
 from benchmarks.quality import quality, speed
 from benchmarks.quality.plan import Scenario, Setup
-from benchmarks.quality.report import write_report
+from benchmarks.quality.writing import write_report
 
 BENCHMARKS = Path(__file__).resolve().parent.parent
 RESULTS = BENCHMARKS / "results"

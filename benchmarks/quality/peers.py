@@ -47,7 +47,7 @@ from benchmarks.quality.plan import (
     num_classes,
 )
 from benchmarks.quality.quality import features, quality_row
-from benchmarks.reference.classifier import predict
+from benchmarks.reference.classifier_common import predict
 from benchmarks.reference.sampling import make_sampler, sample
 
 BENCHMARKS = Path(__file__).resolve().parent.parent

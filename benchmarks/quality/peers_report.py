@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.quality.report import SIGNIFICANCE
+from benchmarks.quality.verdicts import SIGNIFICANCE
 
 #: Measured-speed bands (speedup over plain inductor, same process): [lo, hi).
 BANDS = ((0.0, 0.8), (0.8, 1.0), (1.0, 1.2), (1.2, 1.4), (1.4, 1.7), (1.7, math.inf))

@@ -34,8 +34,8 @@ from benchmarks.quality.plan import (
     plan_methods,
     timesteps_of,
 )
-from benchmarks.quality.report import REAL_FLOOR
-from benchmarks.reference.classifier import predict
+from benchmarks.quality.verdicts import REAL_FLOOR
+from benchmarks.reference.classifier_common import predict
 
 
 @dataclass

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.reference.data import NUM_CLASSES, load_split
+from benchmarks.reference.artifacts import evaluate_samples, write_grid
+from benchmarks.reference.data import NUM_CLASSES
+from benchmarks.reference.presets import TrainConfig
 from benchmarks.reference.sampling import (
     SCHEDULER_SUBFOLDER,
     load_reference,
@@ -26,7 +28,7 @@ from benchmarks.reference.sampling import (
     make_train_scheduler,
     sample,
 )
-from benchmarks.reference.train import TrainConfig, _evaluate_samples, _write_grid
+from benchmarks.reference.training import load_dataset
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -48,10 +50,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(cfg.samples_per_class)
     grid = sample(model, make_sampler(scheduler.config, "ddim"), grid_labels, cfg.sample_steps,
                   cfg.guidance_scale, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    _write_grid(args.model / "samples.png", grid, NUM_CLASSES, cfg.samples_per_class)
+    write_grid(args.model / "samples.png", grid, NUM_CLASSES, cfg.samples_per_class)
     t0 = time.perf_counter()
-    result = _evaluate_samples(model, scheduler, cfg, torch.device("cpu"), args.samples,
-                               load_split(args.data))
+    result = evaluate_samples(model, scheduler, cfg, torch.device("cpu"), args.samples,
+                              load_dataset(cfg))
     result["eval_seconds_cpu_1_thread"] = time.perf_counter() - t0
     info_path = args.model / "training.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}

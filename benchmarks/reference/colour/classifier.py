@@ -17,30 +17,25 @@ machine, so about 4-8 minutes) with::
 
 from __future__ import annotations
 
-import argparse
-import logging
-import math
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from benchmarks.reference.classifier import accuracy, fit
+from benchmarks.reference import classifier_common
+from benchmarks.reference.classifier_common import conv, fit, save_classifier
 from benchmarks.reference.colour.data import CHANNELS, NUM_CLASSES, ColourSplit, load_colour_split
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "DEFAULT_PATH",
+    "ColourClassifier",
+    "augment",
+    "load_classifier",
+    "save_classifier",
+    "train_classifier",
+]
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "classifier.safetensors"
-
-
-def _conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-    )
 
 
 class ColourClassifier(nn.Module):
@@ -54,14 +49,14 @@ class ColourClassifier(nn.Module):
         self.width = width
         self.feature_dim = feature_dim
         self.body = nn.Sequential(
-            _conv(CHANNELS, width),
-            _conv(width, width),
+            conv(CHANNELS, width),
+            conv(width, width),
             nn.MaxPool2d(2),  # 16x16
-            _conv(width, 2 * width),
-            _conv(2 * width, 2 * width),
+            conv(width, 2 * width),
+            conv(2 * width, 2 * width),
             nn.MaxPool2d(2),  # 8x8
-            _conv(2 * width, 4 * width),
-            _conv(4 * width, 4 * width),
+            conv(2 * width, 4 * width),
+            conv(4 * width, 4 * width),
             nn.MaxPool2d(2),  # 4x4
             nn.Flatten(),
         )
@@ -83,26 +78,9 @@ class ColourClassifier(nn.Module):
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random small affine warps of images in [-1, 1]: rotate +-10 deg, scale 0.9-1.1, shift +-2 px.
-
-    No flips (many emoji hold text or asymmetric symbols). Pixels moved in from outside are white
-    (+1), the background of the rendered emoji.
-    """
-    n = x.shape[0]
-    rand = torch.rand((n, 4), generator=generator, device=x.device)
-    angle = (rand[:, 0] * 2 - 1) * math.radians(10.0)
-    scale = 0.9 + 0.2 * rand[:, 1]
-    shift = (rand[:, 2:] * 2 - 1) * (2.0 * 2 / x.shape[-1])  # 2 px in normalised coordinates
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # Warp (1 - x), which is 0 on white, so that zero padding means white.
-    warped = F.grid_sample(
-        1.0 - x, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return 1.0 - warped
+    """Random small affine warps of images in [-1, 1] (``classifier_common.random_affine``);
+    pixels moved in from outside are white (+1), the background of the rendered emoji."""
+    return classifier_common.random_affine(x, generator, background=1.0)
 
 
 def train_classifier(
@@ -114,7 +92,7 @@ def train_classifier(
     device: str | torch.device = "cpu",
 ) -> ColourClassifier:
     """Train on ``split``'s train images only (AdamW, one-cycle lr, augmentation), with the
-    MNIST classifier's loop (``benchmarks.reference.classifier.fit``).
+    shared loop (``benchmarks.reference.classifier_common.fit``).
 
     Returns the model in eval mode.
     """
@@ -123,58 +101,23 @@ def train_classifier(
     return fit(model, split, augment, epochs, batch_size, lr, seed)
 
 
-def save_classifier(model: ColourClassifier, path: str | Path, held_out_accuracy: float) -> Path:
-    """Write the weights (and the architecture in the metadata) with safetensors."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {
-        "width": str(model.width),
-        "feature_dim": str(model.feature_dim),
-        "held_out_accuracy": f"{held_out_accuracy:.4f}",
-    }
-    save_file(state, str(out), metadata=metadata)
-    return out
-
-
 def load_classifier(
     path: str | Path = DEFAULT_PATH, device: str | torch.device = "cpu"
 ) -> ColourClassifier:
     """Load weights written by :func:`save_classifier`; returns the model in eval mode."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    model = ColourClassifier(
-        width=int(meta.get("width", 32)), feature_dim=int(meta.get("feature_dim", 128))
-    )
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device).eval()
+    return classifier_common.load_classifier(ColourClassifier, path, device)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: train on the train split, report held-out accuracy, write safetensors."""
-    parser = argparse.ArgumentParser(description="Train the colour (emoji) feature classifier.")
-    parser.add_argument("--out", type=Path, default=DEFAULT_PATH)
-    parser.add_argument("--data", type=Path, default=None, help="npz instead of the font")
-    parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-    split = load_colour_split(args.data)
-    t0 = time.perf_counter()
-    model = train_classifier(split, args.epochs, args.batch_size, args.lr, args.seed, args.device)
-    acc = accuracy(model, split.held_out_images, split.held_out_labels)
-    out = save_classifier(model, args.out, acc)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"held-out accuracy {acc:.4f} on {split.held_out_labels.numel()} images; "
-        f"{n_params / 1e6:.3f}M params; {time.perf_counter() - t0:.0f}s; wrote {out} "
-        f"({out.stat().st_size / 1e6:.2f} MB)"
+    classifier_common.main(
+        argv,
+        description="Train the colour (emoji) feature classifier.",
+        default_path=DEFAULT_PATH,
+        epochs=25,
+        data_help="npz instead of the font",
+        load_split=load_colour_split,
+        train=train_classifier,
     )
 
 
