@@ -140,6 +140,7 @@ def build_runtime(
         require_timestep=not state.has_timestep_reader(),
         cache_block=s.cache_block,
         calibrated_for=calibrated_for,
+        compile_once=s.compile_once,
     )
     ahead: list[str] = []
     symbolic = any(

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -109,7 +110,7 @@ class GraphRuntime:
         self.compiled: dict[tuple[str, Signature | None], CompiledFn] = {}
         for name in ("compute", *ahead):
             part = variants.by_name(name)
-            self.compiled[(name, None)] = inner(part.gm, list(part.example_inputs))
+            self.compiled[(name, None)] = self._compile(name, list(part.example_inputs))
         self.compute_fn = self.compiled[("compute", None)]
         self.n = variants.num_outputs
         state.add(self)
@@ -125,8 +126,30 @@ class GraphRuntime:
             fn = self.compiled.get(key)
             if fn is None:
                 log.info("blockdance: compiling the %s graph (first call that needs it)", name)
-                fn = self.compiled[key] = self.inner(part.gm, _fake_inputs(inputs))
+                fn = self.compiled[key] = self._compile(name, _fake_inputs(inputs))
         return fn(*inputs)
+
+    def _compile(self, name: str, example_inputs: list[Any]) -> CompiledFn:
+        """Variant ``name`` compiled by the inner compiler; one whose outlined blocks (Note
+        [Compile-once blocks]) fail to compile is compiled inline instead, with a warning
+        (raises under ``strict``)."""
+        part = self.variants.by_name(name)
+        if part.inline is None:
+            return self.inner(part.gm, example_inputs)
+        try:
+            return self.inner(part.gm, example_inputs)
+        except Exception as e:
+            if self.state.settings.strict:
+                raise
+            log.warning(
+                "blockdance: the %s graph did not compile with each block compiled once "
+                "(%s: %s); compiling its blocks inline. compile_once=False skips the attempt",
+                name,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
+            counters["blockdance"]["compile_once_failures"] += 1
+            return self.inner(part.inline, example_inputs)
 
     def _finish(self, outputs: Sequence[Any]) -> Any:
         """What the forward returns, from a variant's first ``n`` outputs."""

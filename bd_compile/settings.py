@@ -59,6 +59,9 @@ class Settings:
     policy_sync: ``"auto"`` (sum the policy's pooled statistics over diffusers'
         context-parallel group when the model has one), ``"always"`` (that group, else the
         default group) or ``"never"``.
+    compile_once: compile each kind of block once and call it per block, inside each
+        variant's one graph (Note [Compile-once blocks] in ``passes/outline_blocks.py``): a
+        cold start near regional compilation's. ``False``: every block inline, as before.
     """
 
     cache_block: int | None = None
@@ -76,6 +79,7 @@ class Settings:
     policy: str | None = None
     policy_rows: str = "cfg"
     policy_sync: str = "auto"
+    compile_once: bool = True
 
     def __post_init__(self) -> None:
         validate(self)
@@ -126,6 +130,8 @@ def validate(s: Settings) -> None:
         raise _fail("inner", "a registered backend name other than 'blockdance'", s.inner)
     if not isinstance(s.strict, bool):
         raise _fail("strict", "a bool", s.strict)
+    if not isinstance(s.compile_once, bool):
+        raise _fail("compile_once", "a bool", s.compile_once)
     if s.timestep_input is not None and not isinstance(s.timestep_input, str):
         raise _fail("timestep_input", "an argument name (str) or None", s.timestep_input)
     if s.calibration is not None and not isinstance(s.calibration, str):

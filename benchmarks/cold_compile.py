@@ -10,11 +10,13 @@ generation: blockdance's reuse graph compiles at the first reuse step), and the 
 generation's time is the **run time** next to it (nothing may be bought with run-time speed).
 
 Configurations: plain inductor on the whole model; diffusers' regional compilation
-(``model.compile_repeated_blocks()``, inductor on one block reused for all of them; PixArt and
-DiT declare no ``_repeated_blocks`` in diffusers 0.42, so their block class is named here);
-blockdance (default options). Models: the 28-block PixArt shape of ``benchmarks.speed`` (width
-384, 32x32 latent, 256 tokens, DDIM) and the shipped 12-block reference DiT (DDIM); batch 2
-(batched guidance). Writes benchmarks/results/cold_compile[-<tag>].md and .json.
+(``model.compile_repeated_blocks()``, inductor on one block reused for all of them; PixArt and DiT
+declare no ``_repeated_blocks`` in diffusers 0.42, so their block class is named here); blockdance
+(default options: each kind of block compiled once, Note [Compile-once blocks]); blockdance-inline
+(``compile_once=False``: every block inlined, as before). Models: the 28-block PixArt shape of
+``benchmarks.speed`` (width 384, 32x32 latent, 256 tokens, DDIM) and the shipped 12-block reference
+DiT (DDIM); batch 2 (batched guidance). Writes benchmarks/results/cold_compile[-<tag>].md and
+.json.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from benchmarks.common import log, machine
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = ("inductor", "regional", "blockdance")
+CONFIGS = ("inductor", "regional", "blockdance", "blockdance-inline")
 MODELS = ("pixart28", "reference12")
 
 
@@ -85,6 +87,8 @@ def probe(model_name: str, config: str, steps: int) -> dict[str, float]:
         model._repeated_blocks = [block]  # type: ignore[assignment]
         model.compile_repeated_blocks()  # type: ignore[operator]
         compiled: Any = model
+    elif config == "blockdance-inline":
+        compiled = torch.compile(model, backend="blockdance", options={"compile_once": False})
     else:
         compiled = torch.compile(model, backend=config)
     times = []

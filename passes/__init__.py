@@ -6,10 +6,15 @@
 4. ``build_variants``        lower to one straight-line graph per call path (compute, reuse,
                              forecast, Ada's mixed rows; Note [One graph per call]), each with
                              its example inputs and the argument plan the runtime gathers by
+5. ``outline_blocks``        (``compile_once``) call each block through a subgraph shared by
+                             the blocks of its kind, so inductor compiles each kind once
+                             (Note [Compile-once blocks])
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +40,39 @@ from passes.find_cached_region import (
     resolve_cache_block,
 )
 from passes.find_timestep_input import find_timestep_input, user_input_name
+from passes.outline_blocks import outline_blocks
 from passes.tag_blocks import Block, find_blocks, tag_blocks
 
-PIPELINE = (find_timestep_input, tag_blocks, find_cached_region, build_variants)
+log = logging.getLogger(__name__)
+
+PIPELINE = (find_timestep_input, tag_blocks, find_cached_region, build_variants, outline_blocks)
+
+
+def outline_variants(variants: Variants) -> Variants:
+    """Each variant with its blocks outlined, keeping the inline graph to fall back to. A
+    graph the outlining fails on stays inline, with a warning: it never costs the rewrite."""
+    parts: dict[str, Part] = {}
+    for name in ("compute", "reuse", "forecast", "mixed"):
+        part = variants.by_name(name)
+        try:
+            gm = outline_blocks(part.gm)
+        except Exception as e:  # a graph shape the outlining did not foresee
+            log.warning(
+                "blockdance: could not compile the blocks of the %s graph once (%s: %s); "
+                "compiling them inline",
+                name,
+                type(e).__name__,
+                e,
+            )
+            gm = None
+        parts[name] = part if gm is None else dataclasses.replace(part, gm=gm, inline=part.gm)
+    return dataclasses.replace(
+        variants,
+        compute=parts["compute"],
+        reuse=parts["reuse"],
+        forecast=parts["forecast"],
+        mixed=parts["mixed"],
+    )
 
 
 @dataclass(frozen=True)
@@ -58,9 +93,11 @@ def rewrite(
     require_timestep: bool = True,
     cache_block: int | None = None,
     calibrated_for: int | None = None,
+    compile_once: bool = False,
 ) -> Rewritten:
     """Run ``PIPELINE`` on ``gm``. Raises ``RegionError`` (with a reason in words) when the graph
-    can't be rewritten; ``gm`` itself is only annotated (node.meta), never changed."""
+    can't be rewritten; ``gm`` itself is only annotated (node.meta), never changed. With
+    ``compile_once`` each variant's blocks are outlined (Note [Compile-once blocks])."""
     try:
         timestep_index: int | None = find_timestep_input(gm, timestep_input)
     except RegionError:
@@ -70,6 +107,8 @@ def rewrite(
     blocks = tag_blocks(gm)
     region = find_cached_region(gm, blocks, cache_block, calibrated_for)
     variants = build_variants(gm, region, example_inputs)
+    if compile_once:
+        variants = outline_variants(variants)
     names = tuple(user_input_name(n) for n in gm.graph.nodes if n.op == "placeholder")
     return Rewritten(timestep_index, names, region, variants)
 
@@ -93,6 +132,8 @@ __all__ = [
     "find_blocks",
     "find_cached_region",
     "find_timestep_input",
+    "outline_blocks",
+    "outline_variants",
     "resolve_cache_block",
     "rewrite",
     "tag_blocks",

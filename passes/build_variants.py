@@ -66,6 +66,9 @@ class Part:
     gm: fx.GraphModule
     plan: tuple[tuple[int, int], ...]
     example_inputs: tuple[Any, ...]
+    #: where ``gm`` has outlined blocks (Note [Compile-once blocks]): the same graph inline,
+    #: compiled instead if ``gm`` fails to compile
+    inline: fx.GraphModule | None = field(default=None, compare=False, repr=False)
     #: per pool-size tuple: an ``itemgetter`` over the pools laid end to end
     _getters: dict[tuple[int, ...], Callable[[Sequence[Any]], tuple[Any, ...]]] = field(
         default_factory=dict, compare=False, repr=False

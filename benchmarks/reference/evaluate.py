@@ -48,12 +48,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model, scheduler = load_reference(args.model)
     cfg = TrainConfig(out=args.model, data=args.data, device="cpu")
     grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(cfg.samples_per_class)
-    grid = sample(model, make_sampler(scheduler.config, "ddim"), grid_labels, cfg.sample_steps,
-                  cfg.guidance_scale, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    grid = sample(
+        model,
+        make_sampler(scheduler.config, "ddim"),
+        grid_labels,
+        cfg.sample_steps,
+        cfg.guidance_scale,
+        generator=torch.Generator().manual_seed(cfg.seed + 1),
+    )
     write_grid(args.model / "samples.png", grid, NUM_CLASSES, cfg.samples_per_class)
     t0 = time.perf_counter()
-    result = evaluate_samples(model, scheduler, cfg, torch.device("cpu"), args.samples,
-                              load_dataset(cfg))
+    result = evaluate_samples(
+        model, scheduler, cfg, torch.device("cpu"), args.samples, load_dataset(cfg)
+    )
     result["eval_seconds_cpu_1_thread"] = time.perf_counter() - t0
     info_path = args.model / "training.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}

@@ -1,0 +1,183 @@
+"""Note [Compile-once blocks] (``passes/outline_blocks.py``): each kind of block is one subgraph
+called per block through ``invoke_subgraph``, the variant stays one graph, and the outputs are
+those of the inline graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import zoo
+from bd_testing import AOT, TOL, assert_rewritten_and_reused
+from torch import nn
+from torch._dynamo.utils import counters
+
+from passes import outline_blocks, tag_blocks
+from passes.outline_blocks import SUBGRAPH_PREFIX
+
+INVOKE = torch.ops.higher_order.invoke_subgraph
+
+
+def _calls(gm: torch.fx.GraphModule) -> list[str]:
+    """The subgraph name of every ``invoke_subgraph`` call, in graph order."""
+    return [n.args[1] for n in gm.graph.find_nodes(op="call_function", target=INVOKE)]
+
+
+def _outlined(model: nn.Module, *args: Any) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    """Dynamo's graph of ``model(*args)`` with its blocks outlined, and what it returns."""
+    got: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        tag_blocks(gm)
+        out = outline_blocks(gm)
+        assert out is not None
+        got.append(out)
+        return out.forward
+
+    with torch.no_grad():
+        result = torch.compile(model, backend=capture, fullgraph=True)(*args)
+    return got[0], result
+
+
+class Block(nn.Module):
+    """The same code for every block, whatever its widths (nothing in it names them)."""
+
+    def __init__(self, width: int, width_out: int, in_place: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width_out)
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.in_place:
+            x.mul_(0.5)
+        h = torch.nn.functional.gelu(self.proj(x))
+        both = torch.cat([h, h * 2])
+        n = x.shape[0]
+        return both[:n], both[n:]  # two views of one tensor, like Flux's single blocks
+
+
+class Stack(nn.Module):
+    def __init__(self, widths: list[tuple[int, int]], in_place: int | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(a, b, in_place=i == in_place) for i, (a, b) in enumerate(widths)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for block in self.blocks:
+            a, b = block(y)
+            y = a + b
+        return y
+
+
+def test_blocks_of_one_shape_share_one_subgraph_and_other_shapes_get_their_own() -> None:
+    model = Stack([(8, 8), (8, 8), (8, 16), (16, 16), (16, 16)])
+    x = torch.randn(2, 8)
+    gm, out = _outlined(model, x)
+    names = [SUBGRAPH_PREFIX + k for k in "00122"]
+    assert _calls(gm) == names  # a key without the input shapes would share them all
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+def test_aliasing_outputs_are_cloned_and_a_block_writing_its_input_stays_inline() -> None:
+    model = Stack([(8, 8)] * 4, in_place=2)
+    x = torch.randn(2, 8)
+    gm, out = _outlined(model, x.clone())
+    assert _calls(gm) == [SUBGRAPH_PREFIX + "0"] * 3
+    sub = getattr(gm, SUBGRAPH_PREFIX + "0")
+    outputs = sub.graph.output_node().args[0]
+    assert [o.target for o in outputs] == ["clone", "clone"]
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+def _kinds_in_compute(case: zoo.ZooCase) -> list[str]:
+    """The subgraph calls of ``case``'s compute variant, through the backend's own rewrite."""
+    from passes import rewrite
+
+    got: list[list[str]] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        rw = rewrite(gm, example_inputs, compile_once=True)
+        got.append(_calls(rw.variants.compute.gm))
+        assert rw.variants.compute.inline is not None
+        return gm.forward
+
+    inputs = case.make_inputs(
+        torch.randn(2, *case.latent_shape),
+        case.model_timestep(torch.tensor(500), 2),
+        zoo.cat_conds(*(dict((k, v[:1]) for k, v in c.items()) for c in case.conditions)),
+    )
+    with torch.no_grad():
+        torch.compile(case.model, backend=capture)(**inputs)
+    return got[0]
+
+
+@pytest.mark.parametrize(("name", "kinds"), [("pixart", 2), ("flux", 3)])
+def test_each_kind_of_block_is_one_subgraph(name: str, kinds: int) -> None:
+    """PixArt: the first block takes the patch embedding's transposed (non-contiguous) output,
+    so it is a kind of its own (strides are part of a kind). Flux: double blocks, single
+    blocks, and the last single block, whose text half nothing reads (one output fewer)."""
+    case = zoo.get(name)
+    calls = _kinds_in_compute(case)
+    assert len(calls) == len(case.blocks())
+    assert len(set(calls)) == kinds
+
+
+@pytest.mark.parametrize("name", ["pixart", "flux"])
+def test_compile_once_through_inductor_equals_inline(name: str) -> None:
+    """Through inductor (aot_eager never saw the wrong values inductor once returned for a
+    subgraph output that was a slice: Flux's single blocks)."""
+    case, steps = zoo.get(name), 6
+    results = {}
+    for once in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(case.model, backend="blockdance", options={"compile_once": once})
+        results[once] = zoo.run_loop(case, compiled, steps, cfg="batched").latents
+        assert_rewritten_and_reused()
+        assert counters["blockdance"]["compile_once_failures"] == 0
+    torch.testing.assert_close(results[True], results[False], **TOL)
+
+
+def test_a_variant_that_fails_to_compile_outlined_compiles_inline_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from torch._dynamo.backends.registry import lookup_backend, register_backend
+
+    eager = lookup_backend("aot_eager")
+
+    def refuses_subgraphs(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        if _calls(gm):
+            raise RuntimeError("no subgraphs here")
+        return eager(gm, example_inputs)
+
+    if "bd_refuses_subgraphs" not in torch._dynamo.list_backends(exclude_tags=()):
+        register_backend(refuses_subgraphs, name="bd_refuses_subgraphs")
+    case = zoo.get("zoo_dit")
+    compiled = torch.compile(
+        case.model, backend="blockdance", options={"inner": "bd_refuses_subgraphs"}
+    )
+    with caplog.at_level("WARNING", logger="bd_compile"):
+        got = zoo.run_loop(case, compiled, 6, cfg="batched").latents
+    assert_rewritten_and_reused()
+    assert counters["blockdance"]["compile_once_failures"] == 2  # compute, then reuse
+    assert "did not compile with each block compiled once" in caplog.text
+    torch._dynamo.reset()
+    plain = torch.compile(case.model, backend="blockdance", options={**AOT, "compile_once": False})
+    torch.testing.assert_close(got, zoo.run_loop(case, plain, 6, cfg="batched").latents, **TOL)
+    torch._dynamo.reset()
+    strict = torch.compile(
+        case.model, backend="blockdance", options={"inner": "bd_refuses_subgraphs", "strict": True}
+    )
+    with pytest.raises(Exception, match="no subgraphs here"):
+        zoo.run_loop(case, strict, 2, cfg="batched")
+
+
+def test_compile_once_must_be_a_bool() -> None:
+    import bd_compile.settings as settings
+
+    with pytest.raises(ValueError, match="'compile_once': expected a bool, got 'yes'"):
+        settings.from_options({"compile_once": "yes"})
