@@ -83,10 +83,12 @@ def _spec(value: Any) -> Hashable:
     return ("value", repr(value))
 
 
-def _cloned_example(value: torch.Tensor) -> torch.Tensor:
+def _cloned_example(
+    value: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format
+) -> torch.Tensor:
     mode = getattr(value, "fake_mode", None)
     with mode if mode is not None else contextlib.nullcontext():
-        return value.clone()
+        return value.clone(memory_format=memory_format)
 
 
 class _Outline:
@@ -101,10 +103,21 @@ class _Outline:
             for a in n.all_input_nodes:
                 if a not in inside and a not in self.inputs:
                     self.inputs.append(a)
-        self.input_examples = [examples.get(a, _example(a)) for a in self.inputs]
+        given = [examples.get(a, _example(a)) for a in self.inputs]
+        #: the memory the block's inputs live in (before any contiguous copy below)
+        self.given = {_storage(v) for v in given} - {None}
+        self.input_examples = list(given)
+        #: non-contiguous tensors from outside the blocks, passed contiguous (one kind more
+        #: saved: PixArt's first block reads the patch embedding's transposed output)
+        self.contiguous: set[fx.Node] = set()
+        for i, (a, v) in enumerate(zip(self.inputs, self.input_examples, strict=True)):
+            if isinstance(v, torch.Tensor) and BLOCK_META not in a.meta and a not in examples:
+                if not v.is_contiguous():
+                    self.contiguous.add(a)
+                    self.input_examples[i] = _cloned_example(v, torch.contiguous_format)
         self.outputs = [n for n in nodes if any(u not in inside for u in n.users)]
         # views, and outputs sharing memory with an input or an earlier output: cloned
-        seen = {_storage(v) for v in self.input_examples} - {None}
+        seen = set(self.given)
         self.clones: dict[fx.Node, torch.Tensor] = {}
         for n in self.outputs:
             value = _example(n)
@@ -133,12 +146,11 @@ class _Outline:
         for n in self.outputs:
             if any(u not in inside and order[u] < last for u in n.users):
                 return f"{n.name} is used by other code before the block ends"
-        given = {_storage(v) for v in self.input_examples} - {None}
         for n in self.nodes:
             name = getattr(n.target, "__name__", str(n.target))
             in_place = name in _IN_PLACE or (name.endswith("_") and not name.startswith("__"))
             written = n.kwargs.get("out", n.args[0] if in_place and n.args else None)
-            if isinstance(written, fx.Node) and _storage(_example(written)) in given:
+            if isinstance(written, fx.Node) and _storage(_example(written)) in self.given:
                 return f"{n.name} writes into an input of the block"
         return None
 
@@ -163,11 +175,18 @@ class _Outline:
         graph.lint()
         return fx.GraphModule(owner, graph, "BlockDance_block")
 
-    def emit(self, graph: fx.Graph, name: str, env: dict[fx.Node, fx.Node]) -> None:
+    def emit(
+        self, graph: fx.Graph, name: str, env: dict[fx.Node, fx.Node], made: dict[fx.Node, fx.Node]
+    ) -> None:
         """One call of subgraph ``name`` in ``graph``; ``env`` maps the block's outputs to
-        the ``getitem`` values of the call."""
+        the ``getitem`` values of the call; ``made``: the contiguous copies made so far."""
+        for a, value in zip(self.inputs, self.input_examples, strict=True):
+            if a in self.contiguous and a not in made:
+                made[a] = graph.call_method("contiguous", (env[a],))
+                made[a].meta = {**a.meta, "example_value": value}
+        inputs = (made[a] if a in self.contiguous else env[a] for a in self.inputs)
         attr = graph.get_attr(name)
-        args: tuple[fx.node.Argument, ...] = (attr, name, *(env[a] for a in self.inputs))
+        args: tuple[fx.node.Argument, ...] = (attr, name, *inputs)
         call = graph.call_function(torch.ops.higher_order.invoke_subgraph, args)
         values = []
         for i, n in enumerate(self.outputs):
@@ -213,10 +232,11 @@ def outline_blocks(gm: fx.GraphModule) -> fx.GraphModule | None:
         return None
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    made: dict[fx.Node, fx.Node] = {}
     for n in gm.graph.nodes:
         if n in at_end:
             o, name = at_end[n]
-            o.emit(graph, name, env)
+            o.emit(graph, name, env, made)
         elif n not in outlined:
             env[n] = graph.node_copy(n, env.__getitem__)
     graph.lint()

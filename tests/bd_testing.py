@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import zoo
 from torch._dynamo.utils import counters
 
 import bd_compile
 
 #: Most tests compile through aot_eager: the rewrite is the same, the compile is seconds.
-AOT = {"inner": "aot_eager"}
+#: ``BD_TEST_COMPILE_ONCE=0`` runs them with every block inline (Note [Compile-once blocks]).
+AOT: dict[str, object] = {"inner": "aot_eager"}
+if os.environ.get("BD_TEST_COMPILE_ONCE") == "0":
+    AOT["compile_once"] = False
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
