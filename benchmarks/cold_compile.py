@@ -1,6 +1,7 @@
 """Cold start: what a fresh process pays to compile, per way of compiling (issue 19).
 
     OMP_NUM_THREADS=1 python -m benchmarks.cold_compile                # both models, ~10 min
+    OMP_NUM_THREADS=1 python -m benchmarks.cold_compile --models pixart28 --repeats 3
 
 For each model and each configuration, two fresh processes share one new, empty
 ``TORCHINDUCTOR_CACHE_DIR``: the first is **cold** (nothing cached), the second **warm** (the
@@ -15,8 +16,9 @@ declare no ``_repeated_blocks`` in diffusers 0.42, so their block class is named
 (default options: each kind of block compiled once, Note [Compile-once blocks]); blockdance-inline
 (``compile_once=False``: every block inlined, as before). Models: the 28-block PixArt shape of
 ``benchmarks.speed`` (width 384, 32x32 latent, 256 tokens, DDIM) and the shipped 12-block reference
-DiT (DDIM); batch 2 (batched guidance). Writes benchmarks/results/cold_compile[-<tag>].md and
-.json.
+DiT (DDIM); batch 2 (batched guidance). ``--repeats N`` measures every configuration N times,
+round by round (so a busy minute on the shared machine hits all configurations alike), and reports
+the median with the range. Writes benchmarks/results/cold_compile[-<tag>].md and .json.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import log, machine
+from benchmarks.common import log, machine, median
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = ("inductor", "regional", "blockdance", "blockdance-inline")
@@ -118,19 +120,46 @@ def measure(model_name: str, config: str, steps: int) -> dict[str, float]:
     return result
 
 
-def write(rows: dict[str, dict[str, dict[str, float]]], steps: int, tag: str) -> Path:
+def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """The median of each measurement over the repeats, and every repeat's values."""
+    out: dict[str, Any] = {k: median([r[k] for r in runs]) for k in runs[0]}
+    out["repeats"] = runs
+    return out
+
+
+def _cell(r: dict[str, Any], key: str, digits: int) -> str:
+    values = [run[key] for run in r["repeats"]]
+    text = f"{r[key]:.{digits}f}"
+    return (
+        text if len(values) == 1 else f"{text} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    )
+
+
+def write(rows: dict[str, dict[str, dict[str, Any]]], steps: int, repeats: int, tag: str) -> Path:
     name = f"cold_compile{'-' + tag if tag else ''}"
     (RESULTS / f"{name}.json").write_text(
-        json.dumps({"machine": machine(), "steps": steps, "rows": rows}, indent=2) + "\n"
+        json.dumps(
+            {"machine": machine(), "steps": steps, "repeats": repeats, "rows": rows}, indent=2
+        )
+        + "\n"
     )
+    how = (
+        "One measurement each: a first look on a shared machine."
+        if repeats == 1
+        else f"Median of {repeats} repeats, taken round by round (range in brackets); x regional "
+        "is the ratio of the medians."
+    )
+    flags = "" if repeats == 1 else f" --repeats {repeats}"
+    models = " ".join(rows)
     lines = [
         "# Cold start: compile time per way of compiling",
         "",
         f"Machine: {machine()}; one thread. Each configuration in two fresh processes sharing a "
         f"new, empty inductor cache (cold, then warm); compile = first {steps}-step DDIM "
         "generation minus the second (every graph compiled during the generation included); "
-        "run = the second generation. One measurement each: a first look on a shared machine.",
-        "Reproduce: `OMP_NUM_THREADS=1 python -m benchmarks.cold_compile`.",
+        f"run = the second generation. {how}",
+        "Reproduce: `OMP_NUM_THREADS=1 python -m benchmarks.cold_compile "
+        f"--models {models}{flags}`.",
         "",
         "| model | configuration | cold compile s | x regional | warm compile s | run s |",
         "|---|---|---|---|---|---|",
@@ -140,8 +169,8 @@ def write(rows: dict[str, dict[str, dict[str, float]]], steps: int, tag: str) ->
         for config, r in by_config.items():
             ratio = f"{r['cold_compile_s'] / regional:.2f}" if regional else "-"
             lines.append(
-                f"| {model_name} | {config} | {r['cold_compile_s']:.1f} | {ratio} | "
-                f"{r['warm_compile_s']:.1f} | {r['warm_run_s']:.2f} |"
+                f"| {model_name} | {config} | {_cell(r, 'cold_compile_s', 1)} | {ratio} | "
+                f"{_cell(r, 'warm_compile_s', 1)} | {_cell(r, 'warm_run_s', 2)} |"
             )
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
@@ -153,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per generation")
+    p.add_argument("--repeats", type=int, default=1, help="measurements per configuration")
     p.add_argument("--tag", default="", help="results/cold_compile-<tag>.md")
     p.add_argument("--probe", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -160,8 +190,19 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(probe(args.probe[0], args.probe[1], args.steps)))
         return
     log(f"machine: {machine()}")
-    rows = {m: {c: measure(m, c, args.steps) for c in args.configs} for m in args.models}
-    log(f"wrote {write(rows, args.steps, args.tag)}")
+    if args.repeats < 1:
+        p.error(f"--repeats: expected a positive number of measurements, got {args.repeats}")
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {
+        m: {c: [] for c in args.configs} for m in args.models
+    }
+    for round_ in range(args.repeats):
+        if args.repeats > 1:
+            log(f"round {round_ + 1} of {args.repeats}")
+        for m in args.models:
+            for c in args.configs:
+                runs[m][c].append(measure(m, c, args.steps))
+    rows = {m: {c: summarize(rs) for c, rs in by.items()} for m, by in runs.items()}
+    log(f"wrote {write(rows, args.steps, args.repeats, args.tag)}")
 
 
 if __name__ == "__main__":
