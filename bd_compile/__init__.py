@@ -18,6 +18,7 @@ from bd_compile.api import (
     stats,
 )
 from bd_compile.backend import BlockDanceError, blockdance_backend, build_runtime, compile_graph
+from bd_compile.deploy import ExportedModel, export, load
 from bd_compile.keys import GenerationStats
 from bd_compile.schedule import make_schedule, paper_rule
 from bd_compile.settings import Settings, from_options
@@ -41,6 +42,7 @@ _register()
 
 __all__ = [
     "BlockDanceError",
+    "ExportedModel",
     "GenerationStats",
     "GraphStats",
     "Settings",
@@ -50,8 +52,10 @@ __all__ = [
     "compile_graph",
     "default_cache_block",
     "explain",
+    "export",
     "from_options",
     "generation",
+    "load",
     "make_schedule",
     "paper_rule",
     "plan",
