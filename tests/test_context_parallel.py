@@ -84,6 +84,20 @@ class GraphRecord:
     calls: int = 0
 
 
+def _collectives(gm: torch.fx.GraphModule) -> Counter[str]:
+    """The collectives a call of ``gm`` runs, those of its outlined blocks (Note [Compile-once
+    blocks]: ``invoke_subgraph`` calls of shared subgraphs) once per call."""
+    found: Counter[str] = Counter()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.higher_order.invoke_subgraph:
+            found.update(_collectives(getattr(gm, node.args[0].target)))
+        else:
+            found.update(c for c in COLLECTIVES if c in str(node.target))
+    return found
+
+
 @dataclass(eq=False)  # hashable: Dynamo's registry keys backends by them
 class GraphRecorder:
     """An inner backend that compiles with aot_eager and records every graph and its calls.
@@ -99,11 +113,7 @@ class GraphRecorder:
     ) -> Callable[..., Any]:
         from torch._dynamo.backends.registry import lookup_backend
 
-        found: Counter[str] = Counter()
-        for node in gm.graph.nodes:
-            if node.op == "call_function":
-                found.update(c for c in COLLECTIVES if c in str(node.target))
-        record = GraphRecord(dict(found))
+        record = GraphRecord(dict(_collectives(gm)))
         self.graphs.append(record)
         compiled = lookup_backend("aot_eager")(gm, example_inputs)
 
