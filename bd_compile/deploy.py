@@ -4,7 +4,9 @@ Note [Export]
 ``export(model, args, kwargs, options, path)`` captures the forward with Dynamo once (one graph,
 static shapes), runs the passes on it as the backend does, and exports each variant graph the
 schedule needs (Note [One graph per call]: ``compute``, ``reuse``, and ``forecast`` when
-``forecast > 0``) with ``torch.export`` and ``aoti_compile_and_package``. The model's weights
+``forecast > 0``) with ``torch.export`` and ``aoti_compile_and_package``, each block kind
+compiled once as the backend does (``compile_once``, Note [Compile-once blocks]; a graph that
+does not export outlined is exported inline, with a warning). The model's weights
 become constants of each package (a package holds the weights its graph reads: ``reuse`` only
 those of the blocks after the region); a package's inputs are the call's tensors and, for
 ``reuse``/``forecast``, the cached values, in the order ``manifest.json`` records as its plan.
@@ -54,7 +56,7 @@ MANIFEST = "manifest.json"
 #: what a loaded model may change (the schedule; the graphs stay as exported)
 LOAD_OPTIONS = ("interval", "window", "timesteps", "branches", "schedule", "forecast")
 #: what ``export`` accepts: the schedule and what picks the region
-EXPORT_OPTIONS = (*LOAD_OPTIONS, "cache_block", "calibration", "timestep_input")
+EXPORT_OPTIONS = (*LOAD_OPTIONS, "cache_block", "calibration", "timestep_input", "compile_once")
 
 
 def _versions() -> dict[str, str]:
@@ -159,11 +161,33 @@ def _package(
         else:
             sources.append((v,))
     t0 = time.perf_counter()
-    with torch.no_grad():
-        ep = torch.export.export(_Variant(part.gm, sources, weights), tuple(inputs))
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(dest))
+    try:
+        _aoti(part.gm, sources, weights, inputs, dest)
+    except Exception as e:
+        if part.inline is None:
+            raise
+        log.warning(
+            "blockdance: the %s graph did not export with each block compiled once (%s: %s); "
+            "exporting its blocks inline",
+            dest.stem,
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+        )
+        _aoti(part.inline, sources, weights, inputs, dest)
     log.info("blockdance: exported %s in %.0f s", dest.name, time.perf_counter() - t0)
     return plan
+
+
+def _aoti(
+    gm: fx.GraphModule,
+    sources: list[Any],
+    weights: dict[str, torch.Tensor],
+    inputs: list[torch.Tensor],
+    dest: Path,
+) -> None:
+    with torch.no_grad():
+        ep = torch.export.export(_Variant(gm, sources, weights), tuple(inputs))
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(dest))
 
 
 def export(
@@ -193,6 +217,7 @@ def export(
             timestep_input=s.timestep_input,
             cache_block=s.cache_block,
             calibrated_for=calibrated_for,
+            compile_once=s.compile_once,
         )
     except RegionError as e:
         raise BlockDanceError(f"blockdance cannot export this model: {e}") from e

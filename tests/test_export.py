@@ -4,14 +4,17 @@ Dynamo under the backend's own runtime; compared with the backend on the referen
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import zoo
 
 import bd_compile
+from bd_compile import deploy
 from bd_compile.deploy import ExportedModel, export, load
 from bd_compile.sampling import denoise, load_reference, make_scheduler
 
@@ -147,3 +150,38 @@ def test_exporting_a_model_the_passes_cannot_rewrite_raises_with_the_reason(tmp_
 def test_options_export_cannot_honour_raise() -> None:
     with pytest.raises(ValueError, match=r"\['policy'\] not supported"):
         export(NoBlocks(), (torch.randn(2, 8), torch.ones(1)), options={"policy": "p.json"})
+
+
+@pytest.mark.parametrize("compile_once", [True, False])
+def test_a_graph_that_does_not_export_outlined_is_exported_inline_with_a_warning(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    compile_once: bool,
+) -> None:
+    """AOTInductor is stubbed: it refuses outlined blocks, and writes a stand-in package."""
+    exported: list[str] = []
+
+    def aoti(gm: torch.fx.GraphModule, *args: Any) -> None:
+        dest: Path = args[-1]
+        if any(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes):
+            raise RuntimeError("no outlined blocks here")
+        exported.append(dest.name)
+        dest.write_bytes(b"stand-in")
+
+    monkeypatch.setattr(deploy, "_aoti", aoti)
+    case = zoo.get("dit")
+    with caplog.at_level(logging.WARNING, logger="bd_compile.deploy"):
+        export(
+            case.model,
+            kwargs=case.example_inputs(batch=2),
+            options={"compile_once": compile_once},
+            path=tmp_path,
+        )
+    assert exported == ["compute.pt2", "reuse.pt2"]
+    warned = [r.getMessage() for r in caplog.records if "did not export" in r.getMessage()]
+    if compile_once:
+        assert len(warned) == 2
+        assert "each block compiled once (RuntimeError: no outlined blocks here)" in warned[0]
+    else:
+        assert not warned
