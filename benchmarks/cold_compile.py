@@ -150,6 +150,10 @@ def write(rows: dict[str, dict[str, dict[str, Any]]], steps: int, repeats: int, 
         "is the ratio of the medians."
     )
     flags = "" if repeats == 1 else f" --repeats {repeats}"
+    configs = list(next(iter(rows.values())))
+    if configs != list(CONFIGS):
+        flags = f" --configs {' '.join(configs)}{flags}"
+    flags += f" --tag {tag}" if tag else ""
     models = " ".join(rows)
     lines = [
         "# Cold start: compile time per way of compiling",
