@@ -101,6 +101,8 @@ def _capture(
         raise BlockDanceError(
             f"export needs the forward as one graph, and Dynamo could not capture it: {first}"
         ) from e
+    if not graphs:
+        raise BlockDanceError("export: Dynamo captured no graph of the forward (nothing to export)")
     return graphs[-1][0], graphs[-1][1], out
 
 
@@ -382,7 +384,7 @@ class ExportedModel:
             tensors.append(x.contiguous())  # a package assumes its inputs' strides
         constants = self.manifest["constants"]
         for k, x in given.items():
-            if (constants[k] if k in constants else None) != x:
+            if constants.get(k) != x:
                 raise ValueError(
                     f"{k}: the export was made with {k}={constants.get(k)!r} (fixed in the "
                     f"packages), got {x!r}"
