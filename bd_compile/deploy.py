@@ -246,6 +246,7 @@ def export(
         cache = tuple(v.compute.gm(*example_inputs)[v.num_outputs :])
     if not all(isinstance(c, torch.Tensor) for c in cache):
         raise BlockDanceError("export supports models whose cached values are all tensors")
+    # one (oldest, older, last) weights tensor per cached value, as the forecast graph takes them
     weights = [torch.tensor([0.0, -1.0, 2.0], dtype=c.dtype, device=c.device) for c in cache]
     # torch.export treats one tensor passed as several inputs as one input: the forecast
     # package would read the last cache for all three, so the older caches are copies
@@ -352,8 +353,8 @@ class ExportedModel:
                 f"that need it (forecast > 0 for forecast)"
             )
         if name not in self._loaded:
-            log.info("blockdance: loading %s", self.path / self.manifest["variants"][name]["file"])
             file = self.path / self.manifest["variants"][name]["file"]
+            log.info("blockdance: loading %s", file)
             self._loaded[name] = torch._inductor.aoti_load_package(str(file))
         return self._loaded[name]
 
