@@ -26,6 +26,7 @@ from bd_compile.layout import CachedValue, Layout
 from bd_compile.loop import LoopState, state_for
 from bd_compile.runtime import CompiledFn, GraphRuntime, TimestepReader
 from bd_compile.settings import Settings
+from bd_compile.warmup import install as install_warmup
 from passes import RegionError, Rewritten, find_timestep_input, rewrite
 
 log = logging.getLogger(__name__)
@@ -247,3 +248,6 @@ def blockdance_backend(
         inner_options = {**dict(settings.inner_options), "mode": mode}
         settings = settings.replace(inner_options=inner_options)
     return compile_graph(gm, example_inputs, settings)
+
+
+install_warmup(blockdance_backend)  # Note [Toolchain warm-up]

@@ -1,6 +1,6 @@
 """Cold start: what a fresh process pays to compile, per way of compiling (issue 19).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.cold_compile                # both models, ~10 min
+    OMP_NUM_THREADS=1 python -m benchmarks.cold_compile                # both models, ~20 min
     OMP_NUM_THREADS=1 python -m benchmarks.cold_compile --models pixart28 --repeats 3
 
 For each model and each configuration, two fresh processes share one new, empty
@@ -13,7 +13,9 @@ generation's time is the **run time** next to it (nothing may be bought with run
 Configurations: plain inductor on the whole model; diffusers' regional compilation
 (``model.compile_repeated_blocks()``, inductor on one block reused for all of them; PixArt and DiT
 declare no ``_repeated_blocks`` in diffusers 0.42, so their block class is named here); blockdance
-(default options: each kind of block compiled once, Note [Compile-once blocks]); blockdance-inline
+(default options: each kind of block compiled once, Note [Compile-once blocks]; inductor's C++
+toolchain probes run while Dynamo traces, Note [Toolchain warm-up]); blockdance-no-warmup (the
+same with those probes where inductor runs them, ``TORCH_WARM_POOL=0``); blockdance-inline
 (``compile_once=False``: every block inlined, as before). Models: the 28-block PixArt shape of
 ``benchmarks.speed`` (width 384, 32x32 latent, 256 tokens, DDIM) and the shipped 12-block reference
 DiT (DDIM); batch 2 (batched guidance). ``--repeats N`` measures every configuration N times,
@@ -38,7 +40,7 @@ import torch
 from benchmarks.common import log, machine, median
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = ("inductor", "regional", "blockdance", "blockdance-inline")
+CONFIGS = ("inductor", "regional", "blockdance", "blockdance-no-warmup", "blockdance-inline")
 MODELS = ("pixart28", "reference12")
 
 
@@ -89,6 +91,9 @@ def probe(model_name: str, config: str, steps: int) -> dict[str, float]:
         model._repeated_blocks = [block]  # type: ignore[assignment]
         model.compile_repeated_blocks()  # type: ignore[operator]
         compiled: Any = model
+    elif config == "blockdance-no-warmup":  # Note [Toolchain warm-up], off by inductor's switch
+        os.environ["TORCH_WARM_POOL"] = "0"
+        compiled = torch.compile(model, backend="blockdance")
     elif config == "blockdance-inline":
         compiled = torch.compile(model, backend="blockdance", options={"compile_once": False})
     else:
