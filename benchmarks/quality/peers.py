@@ -68,8 +68,9 @@ class Peer:
 
 
 def plan_peers(num_blocks: int, quick: bool = False) -> list[Peer]:
-    """The methods: BlockDance's copy and forecast 1 at N = 2, 3, 4 (25-95%) and forecast 1 at
-    N = 4, 6, 8 (10-95%), cache-dit F1B0/F4B0/F8B0 at thresholds and warm-ups spanning 0.3-0.9 of
+    """The methods: BlockDance's copy and forecast 1 at N = 2, 3, 4 (25-95%), forecast 1 at
+    N = 4, 6, 8 (10-95%) and, caching all blocks but the last, at N = 3, 4, 6, 8, 12 (10-95%)
+    and 16 (10-100%), cache-dit F1B0/F4B0/F8B0 at thresholds and warm-ups spanning 0.3-0.9 of
     the block work, TaylorSeer order 0/1/2, one compiled cache-dit setting per order 0/1,
     diffusers' TaylorSeer at intervals 2/3/5 and MagCache (calibrated) at two thresholds."""
     out = [
@@ -77,18 +78,22 @@ def plan_peers(num_blocks: int, quick: bool = False) -> list[Peer]:
         Peer("full (inductor)", "full", "inductor"),
     ]
     # the paper's window, and forecast 1 on a wider one at N = 4, 6, 8: settings as fast as the
-    # peers' fastest (above 1.5x), where the paper's window has none
-    blockdance = [(f, n, (0.25, 0.95)) for f in (0, 1) for n in (2, 3, 4)]
-    blockdance += [(1, n, (0.1, 0.95)) for n in (4, 6, 8)]
-    for f, n, (start, end) in blockdance:
-        out.append(
-            Peer(
-                f"BlockDance{f' +forecast {f}' if f else ''} N={n} {start:.0%}-{end:.0%}",
-                "blockdance",
-                "blockdance",
-                {"interval": n, "window": (start, end), "forecast": f},
-            )
-        )
+    # peers' fastest (above 1.5x), where the paper's window has none; and forecast 1 with all
+    # blocks but the last cached (cache_block = blocks - 2, like cache-dit's F1B0, which
+    # computes one block): each reuse step skips more, so fewer reuse steps reach a speed
+    deep = num_blocks - 2
+    blockdance = [(f, n, (0.25, 0.95), None) for f in (0, 1) for n in (2, 3, 4)]
+    blockdance += [(1, n, (0.1, 0.95), None) for n in (4, 6, 8)]
+    blockdance += [(1, n, (0.1, 0.95), deep) for n in (3, 4, 6, 8, 12)]
+    blockdance.append((1, 16, (0.1, 1.0), deep))  # as fast as cache-dit's fastest (~3.4x)
+    for f, n, (start, end), cache_block in blockdance:
+        settings: dict[str, Any] = {"interval": n, "window": (start, end), "forecast": f}
+        cached = ""
+        if cache_block is not None:
+            settings["cache_block"] = cache_block
+            cached = f" cached 0-{cache_block}"
+        name = f"BlockDance{f' +forecast {f}' if f else ''} N={n} {start:.0%}-{end:.0%}{cached}"
+        out.append(Peer(name, "blockdance", "blockdance", settings))
     half = num_blocks // 2
     grid: list[tuple[int, float, int, int]] = [  # Fn, threshold, warm-up steps, TaylorSeer order
         (1, 0.08, 4, 0),
@@ -184,12 +189,16 @@ class Runner:
         k, s = peer.kind, peer.settings
         if k == "inductor":
             self.fn = torch.compile(self.model, dynamic=False)
-        elif k == "blockdance":  # one compiled model, the schedule set per generation
-            if "blockdance" not in shared:
-                shared["blockdance"] = torch.compile(
-                    self.model, backend="blockdance", options={"strict": True}, dynamic=False
+        elif k == "blockdance":  # one compiled model per cached region, the schedule set per
+            # generation
+            self.cache_block = s.get("cache_block", default_cache_block(self.num_blocks))
+            key = f"blockdance-{self.cache_block}"
+            if key not in shared:
+                options = {"strict": True, "cache_block": self.cache_block}
+                shared[key] = torch.compile(
+                    self.model, backend="blockdance", options=options, dynamic=False
                 )
-            self.fn = shared["blockdance"]
+            self.fn = shared[key]
         elif k in ("cache-dit", "cache-dit-compiled"):
             import cache_dit
 
@@ -264,7 +273,7 @@ class Runner:
             bd_compile.reset(fn)
             images = self._sample(denoise, sc, labels, noise)
             last = bd_compile.stats(fn).last
-            skipped = (default_cache_block(self.num_blocks) + 1) / self.num_blocks
+            skipped = (self.cache_block + 1) / self.num_blocks
             return images, 1.0 - last.reused_calls / last.calls * skipped
         if k in ("cache-dit", "cache-dit-compiled"):
             cfg, cal = self._cache_dit_configs(sc.steps)
