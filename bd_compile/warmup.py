@@ -34,6 +34,8 @@ import torch
 from torch._dynamo.callback import CallbackArgs, callback_handler
 from torch._dynamo.utils import counters
 
+from bd_compile.settings import Settings
+
 log = logging.getLogger(__name__)
 
 _started = threading.Event()
@@ -92,7 +94,7 @@ def isa_list_known() -> bool:
 
 
 def _wants_probes(options: dict[str, Any], compiled: Any) -> bool:
-    if options.get("inner", "inductor") != "inductor":
+    if options.get("inner", Settings.inner) != "inductor":
         return False
     inner_options = options.get("inner_options") or {}
     if not isinstance(inner_options, dict) or any(str(k).startswith("cpp.") for k in inner_options):
