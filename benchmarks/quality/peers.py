@@ -189,8 +189,7 @@ class Runner:
         k, s = peer.kind, peer.settings
         if k == "inductor":
             self.fn = torch.compile(self.model, dynamic=False)
-        elif k == "blockdance":  # one compiled model per cached region, the schedule set per
-            # generation
+        elif k == "blockdance":  # one compiled model per cached region; schedule per generation
             self.cache_block = s.get("cache_block", default_cache_block(self.num_blocks))
             key = f"blockdance-{self.cache_block}"
             if key not in shared:
