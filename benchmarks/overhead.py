@@ -7,11 +7,13 @@ On a 28-block PixArt-shaped DiT so narrow (width 64, 4 image tokens, 8 text toke
 arithmetic is negligible, the time of a call is what the host spends on it: Dynamo's guards,
 the runtime, argument gathering, the AOT and inductor wrappers, the generated code's kernel
 launches. Each method runs generations of ``--steps`` model calls at falling timesteps (the
-input tensors fixed, batch 2 as in batched CFG), interleaved, ``--repeats`` times; every call is
-timed on its own and labelled by what it did (blockdance's ``compute`` calls run the whole forward,
-also returning the cached values; ``reuse`` calls the blocks outside the region, Note [One graph
-per call]). Reported: the median microseconds per call per
-method and kind, and the difference to plain inductor's median call (the overhead).
+input tensors fixed, batch 2 as in batched CFG), ``--repeats`` times, interleaved call by call
+(call ``i`` of every method, their order rotating, then call ``i + 1``): on a shared machine
+whose speed drifts over seconds, a call is compared with inductor's call timed next to it. Every
+call is timed on its own and labelled by what it did (blockdance's ``compute`` calls run the
+whole forward, also returning the cached values; ``reuse`` calls the blocks outside the region,
+Note [One graph per call]). Reported per method and kind: the median microseconds per call and
+the overhead, the median over calls of (this call - inductor's paired call), with quartiles.
 
 Then one generation per method under ``torch.profiler`` with the Python tracer: the self time of
 every event inside a model call is charged to a category by the file it runs in (Python
@@ -29,7 +31,9 @@ Writes benchmarks/results/overhead[-<tag>].md and .json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -105,25 +109,27 @@ class Calls:
         self.timesteps = [float(999 - i * step) for i in range(args.steps)]
         self.t = [torch.full((2,), t, device=dev) for t in self.timesteps]
 
-    def run(
-        self, model: Any, timed: bool = True, label: Callable[[int], str] | None = None
-    ) -> list[float]:
-        """One generation; the seconds of each call (``timed``), each call inside a profiler
-        ``record_function`` named ``label(i)`` when given."""
-        seconds = []
+    def call(self, model: Any, i: int) -> float:
+        """Call ``i`` of a generation (after calls ``0..i-1`` of that model); its seconds."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(timestep=self.t[i], **self.kwargs)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def run(self, model: Any, label: Callable[[int], str] | None = None) -> None:
+        """One generation, each call inside a profiler ``record_function`` named ``label(i)``
+        when given."""
         with torch.no_grad():
             for i, t in enumerate(self.t):
-                sync(self.device)
-                t0 = time.perf_counter()
-                if label is None:
+                with record_function(label(i)) if label else contextlib.nullcontext():
                     model(timestep=t, **self.kwargs)
-                else:
-                    with record_function(label(i)):
-                        model(timestep=t, **self.kwargs)
-                sync(self.device)
-                if timed:
-                    seconds.append(time.perf_counter() - t0)
-        return seconds
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[0], q[2]
 
 
 def kinds_of(model: Any) -> tuple[str, ...]:
@@ -161,7 +167,7 @@ def breakdown(calls: Calls, m: Method) -> dict[str, dict[str, float]]:
     """Microseconds per call, per kind and category, of one generation under the profiler."""
     kinds = m.kinds or ("call",) * len(calls.t)
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        calls.run(m.model, timed=False, label=lambda i: f"call:{kinds[i]}:{i}")
+        calls.run(m.model, label=lambda i: f"call:{kinds[i]}:{i}")
     per_kind: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in prof.events():
         label = call_of(e)
@@ -188,32 +194,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
         ),
         Method(
+            "blockdance compile_once=False",
+            torch.compile(model, backend="blockdance", options={**options, "compile_once": False}),
+        ),
+        Method(
             "blockdance interval=1",
             torch.compile(model, backend="blockdance", options={"interval": 1}),
         ),
     ]
     for i, m in enumerate(methods):
         log(f"warm-up {m.name}")
-        calls.run(m.model, timed=False)
-        calls.run(m.model, timed=False)  # the counted model's check generation, then a plain one
+        calls.run(m.model)
+        calls.run(m.model)  # the counted model's check generation, then a plain one
         if m.name.startswith("blockdance"):
             methods[i] = Method(m.name, m.model, kinds_of(m.model))
+    # Interleaved call by call, the order of the methods rotating: each method's call i of a
+    # round is timed next to inductor's call i of the same round (paired differences).
     times: dict[str, dict[str, list[float]]] = {m.name: defaultdict(list) for m in methods}
+    paired: dict[str, dict[str, list[float]]] = {m.name: defaultdict(list) for m in methods}
     for rep in range(args.repeats):
-        for m in methods:
-            seconds = calls.run(m.model)
-            kinds = m.kinds or ("call",) * len(seconds)
-            for kind, s in zip(kinds, seconds, strict=True):
-                times[m.name][kind].append(s)
+        for i in range(len(calls.t)):
+            k = (rep * len(calls.t) + i) % len(methods)
+            seconds = {m.name: calls.call(m.model, i) for m in methods[k:] + methods[:k]}
+            for m in methods:
+                kind = m.kinds[i] if m.kinds else "call"
+                times[m.name][kind].append(seconds[m.name])
+                paired[m.name][kind].append(seconds[m.name] - seconds["inductor"])
         log(f"repeat {rep + 1}/{args.repeats} done")
-    base = median(times["inductor"]["call"])
     rows = [
         {
             "method": m.name,
             "kind": kind,
             "calls": len(ts),
             "us_per_call": 1e6 * median(ts),
-            "over_inductor_us": 1e6 * (median(ts) - base),
+            "over_inductor_us": 1e6 * median(paired[m.name][kind]),
+            "over_inductor_iqr_us": [1e6 * q for q in quartiles(paired[m.name][kind])],
         }
         for m in methods
         for kind, ts in sorted(times[m.name].items())
@@ -237,19 +252,22 @@ def write(result: dict[str, Any], tag: str) -> Path:
         f"Machine: {result['machine']}.",
         f"Model: PixArt-shaped DiT, {a['blocks']} blocks, width {a['width']}, "
         f"{(a['latent'] // 2) ** 2} image tokens, batch 2; {a['steps']} calls per generation, "
-        f"blockdance interval={a['interval']} over the whole trajectory; median of "
-        f"{a['repeats']} interleaved generations, every call timed on its own.",
+        f"blockdance interval={a['interval']} over the whole trajectory; {a['repeats']} "
+        "generations per method, interleaved call by call (the methods' order rotating), every "
+        "call timed on its own. Minus inductor's: the median over calls of a call's time minus "
+        "inductor's call at the same step of the same round, with its quartiles.",
         "Reproduce: `OMP_NUM_THREADS=1 python -m benchmarks.overhead"
         + (f" --tag {tag}" if tag else "")
         + "`.",
         "",
-        "| method | call | calls | us per call | minus inductor's |",
-        "|---|---|---|---|---|",
+        "| method | call | calls | us per call | minus inductor's (paired) | quartiles |",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['method']} | {r['kind']} | {r['calls']} | {r['us_per_call']:.0f} | "
-            f"{r['over_inductor_us']:+.0f} |"
+            f"{r['over_inductor_us']:+.0f} | "
+            f"{r['over_inductor_iqr_us'][0]:+.0f} .. {r['over_inductor_iqr_us'][1]:+.0f} |"
         )
     if result["profile"]:
         cats = [c for c, _ in CATEGORIES] + [GENERATED, OTHER]

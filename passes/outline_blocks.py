@@ -7,7 +7,7 @@ schedules and generates code for each of them; diffusers' regional compilation
 (``compile_repeated_blocks``) avoids that by compiling one block and calling it per block, but
 gives up the one-graph forward blockdance needs. Here each variant graph stays one graph: the
 nodes of block ``k`` (``node.meta["blockdance_block"]``) are replaced by one
-``invoke_subgraph(bd_block_<kind>, "bd_block_<kind>", *inputs)`` call and ``getitem`` nodes
+``invoke_subgraph(bd_block_v2_<kind>, "bd_block_v2_<kind>", *inputs)`` call and ``getitem`` nodes
 for the values used after it. Blocks whose subgraphs are identical (same nodes, targets and
 constants, and the same shapes, dtypes and strides of their inputs; the weights are inputs)
 share one ``fx.GraphModule`` and identifier, which is what ``torch.compiler.nested_compile_region``
@@ -25,6 +25,20 @@ key, and inductor checks that every call of a subgraph agrees with them).
 A graph with dynamic (symbolic) shapes stays inline: through inductor, outlined Flux blocks
 failed a runtime stride assertion there (torch 2.13, CPU), and the reuse graph failed to compile.
 
+Note [Subgraph input asserts]
+Inductor's generated code checks the size and stride of every input of a graph
+(``assert_size_stride``), and of every subgraph on every call: with 24 weights and activations
+per PixArt block, 28 blocks repeat ~670 checks per call that the top-level graph already made
+(~0.4 us each on this CPU: +370 us per call of a 28-block model, 8% of a call that is all host
+work). They check nothing new: inductor constrains each call's operands to the strides of the
+subgraph's example inputs (``InvokeSubgraph.create``), the blocks of one subgraph have the same
+example input strides (they are part of the kind's key), and the weights the subgraph reads are
+graph inputs, checked once at the top. So ``subgraph_input_asserts_skipped`` leaves them out of
+the subgraphs of the graphs blockdance compiles with inductor's Python wrapper; the top-level
+checks, and everything else in the subgraphs, stay. Inductor's FX graph cache keys do not see
+the context, so the subgraphs' identifier names it (``SUBGRAPH_PREFIX``): entries an earlier
+bd_compile wrote, with the checks, are not served (they would be slower, never wrong).
+
 A block also stays inline when it cannot be one call: one of its values is used outside it
 before its last node (where the call is placed), e.g. other code interleaved with it. Outlining
 only regroups nodes: the graph computes the same values.
@@ -36,7 +50,7 @@ import contextlib
 import logging
 import operator
 from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import torch
@@ -47,7 +61,10 @@ from passes.tag_blocks import BLOCK_META
 
 log = logging.getLogger(__name__)
 
-SUBGRAPH_PREFIX = "bd_block_"
+#: the subgraphs' names and identifiers; "v2": compiled without their input checks (Note
+#: [Subgraph input asserts]). The identifier is part of the graph inductor's and AOTAutograd's
+#: caches hash, so a new version here keeps them from serving code compiled the old way.
+SUBGRAPH_PREFIX = "bd_block_v2_"
 
 #: in-place ops that are not spelled with a trailing underscore
 _IN_PLACE = frozenset({"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow"})
@@ -194,6 +211,29 @@ class _Outline:
             item.meta = {**n.meta, "example_value": self.clones.get(n, _example(n))}
             values.append(item.meta["example_value"])
         call.meta["example_value"] = tuple(values)
+
+
+@contextlib.contextmanager
+def subgraph_input_asserts_skipped() -> Iterator[None]:
+    """Inductor compiles inside this block without the size/stride checks of subgraph inputs
+    (Note [Subgraph input asserts]); ``nan_asserts`` (a debug option) still applies."""
+    from torch._inductor import config
+    from torch._inductor.codegen.wrapper import SubgraphPythonWrapperCodegen as Codegen
+
+    def nan_asserts_only(self: Codegen) -> None:
+        if config.nan_asserts:
+            self.codegen_input_nan_asserts()
+
+    name = "codegen_input_size_and_nan_asserts"
+    own = vars(Codegen).get(name)  # None: inherited from PythonWrapperCodegen
+    setattr(Codegen, name, nan_asserts_only)
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(Codegen, name)
+        else:
+            setattr(Codegen, name, own)
 
 
 def outline_blocks(gm: fx.GraphModule) -> fx.GraphModule | None:

@@ -4,6 +4,7 @@ those of the inline graph."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -182,3 +183,38 @@ def test_compile_once_must_be_a_bool() -> None:
 
     with pytest.raises(ValueError, match="'compile_once': expected a bool, got 'yes'"):
         settings.from_options({"compile_once": "yes"})
+
+
+def _subgraph_functions(code: str) -> list[str]:
+    """The bodies of the subgraph functions in inductor's generated Python wrapper."""
+    return [
+        part.split("\ndef call(")[0].split("\nclass ")[0]
+        for part in code.split("\ndef repeated_subgraph")[1:]
+    ]
+
+
+def test_inductor_checks_inputs_once_at_the_top_not_again_in_each_block() -> None:
+    """Note [Subgraph input asserts]: the top-level graph checks its inputs, the subgraph
+    called per block does not repeat it; the outputs are those of the inline graph."""
+    from torch._inductor import config
+    from torch._inductor.codegen.wrapper import SubgraphPythonWrapperCodegen
+    from torch._inductor.utils import run_and_get_code
+
+    case, steps = zoo.get("zoo_dit"), 6
+    results = {}
+    for once in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(case.model, backend="blockdance", options={"compile_once": once})
+        with config.patch(force_disable_caches=True):
+            run = run_and_get_code(zoo.run_loop, case, compiled, steps, cfg="batched")
+        results[once] = run[0].latents
+        assert_rewritten_and_reused()
+        codes = run[1]
+    assert "codegen_input_size_and_nan_asserts" not in vars(SubgraphPythonWrapperCodegen)
+    bodies = [b for code in codes for b in _subgraph_functions(code)]
+    assert len(bodies) >= 2  # the compute and the reuse graph's block subgraphs
+    assert not [b for b in bodies if re.search(r"assert_size_stride\(repeated_subgraph\d+_arg", b)]
+    assert all("assert_size_stride(arg0_1" in code for code in codes)
+    # inductor fuses the outlined blocks differently: float reassociation (seen: 1.8e-5)
+    torch.testing.assert_close(results[True], results[False], atol=1e-4, rtol=1e-3)
