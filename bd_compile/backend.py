@@ -24,7 +24,7 @@ from bd_compile import settings as settings_mod
 from bd_compile.fallback import explain_fallback
 from bd_compile.layout import CachedValue, Layout
 from bd_compile.loop import LoopState, state_for
-from bd_compile.runtime import CompiledFn, GraphRuntime, TimestepReader
+from bd_compile.runtime import CompiledFn, GraphRuntime, TimestepReader, has_symbolic_shapes
 from bd_compile.settings import Settings
 from bd_compile.warmup import install as install_warmup
 from passes import RegionError, Rewritten, find_timestep_input, rewrite
@@ -144,13 +144,7 @@ def build_runtime(
         compile_once=s.compile_once,
     )
     ahead: list[str] = []
-    symbolic = any(
-        isinstance(d, torch.SymInt)
-        for n in gm.graph.find_nodes(op="placeholder")
-        if isinstance(v := n.meta.get("example_value"), torch.Tensor)
-        for d in v.shape
-    )
-    if symbolic or own_cache:  # Note [Variants compile when first needed]
+    if has_symbolic_shapes(gm) or own_cache:  # Note [Variants compile when first needed]
         ahead.append("reuse")
         if s.forecast:
             ahead.append("forecast")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +73,8 @@ class Generation:
     step_may_reuse: bool = False
     calls_at_step: dict[LayoutKey, int] = field(default_factory=dict)
     slots: dict[tuple[LayoutKey, int], Slot] = field(default_factory=dict)
+    #: per slot key: the (signature, history length) last counted and its bytes (``count_peak``)
+    slot_bytes: dict[tuple[LayoutKey, int], tuple[Hashable, int]] = field(default_factory=dict)
     #: per step: whether every call of a rewritten graph reused (None: no such call yet)
     step_reused: list[bool | None] = field(default_factory=list)
     calls: int = 0
@@ -89,14 +91,31 @@ class Generation:
         )
 
     def cache_bytes(self) -> int:
-        held = {
-            id(v): v.numel() * v.element_size()
-            for s in self.slots.values()
-            for values in (s.values, *(h for _, h in s.history))
-            for v in values
-            if isinstance(v, torch.Tensor)
-        }
-        return sum(held.values())
+        return _nbytes(self.slots.values())
+
+    def count_peak(self, slot_key: tuple[LayoutKey, int], slot: Slot) -> None:
+        """Raise ``peak_bytes`` to what the slots hold now that ``slot`` is stored under
+        ``slot_key``. A slot's bytes are counted again only when its signature or history
+        length changed (the same graph and signature cache values of the same sizes): counting
+        tensors on every cache step cost host time per call."""
+        shape = (slot.signature, len(slot.history))
+        known = self.slot_bytes.get(slot_key)
+        if known is None or known[0] != shape:
+            self.slot_bytes[slot_key] = (shape, _nbytes((slot,)))
+        held = sum(self.slot_bytes[k][1] for k in self.slots)
+        self.peak_bytes = max(self.peak_bytes, held)
+
+
+def _nbytes(slots: Iterable[Slot]) -> int:
+    """The bytes of the tensors ``slots`` hold, each tensor counted once."""
+    held = {
+        id(v): v.numel() * v.element_size()
+        for s in slots
+        for values in (s.values, *(h for _, h in s.history))
+        for v in values
+        if isinstance(v, torch.Tensor)
+    }
+    return sum(held.values())
 
 
 class KeyState:

@@ -191,6 +191,9 @@ class LoopState:
     def key_state(self, key: Hashable) -> KeyState:
         """The automatic state of ``key`` (no ``generation`` block): it counts steps when the
         ``timesteps`` option is set."""
+        ks = self._keys.get(key)  # the common case needs no lock (one dict read)
+        if ks is not None:
+            return ks
         with self._lock:
             ks = self._keys.get(key)
             if ks is None:
@@ -374,7 +377,7 @@ class LoopState:
             return
         if slot_key[1] < MAX_BRANCHES:
             gen.slots[slot_key] = slot
-            gen.peak_bytes = max(gen.peak_bytes, gen.cache_bytes())
+            gen.count_peak(slot_key, slot)
 
 
 # -- one state per model ----------------------------------------------------------------------

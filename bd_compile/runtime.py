@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -67,9 +68,25 @@ def _fake_inputs(inputs: Sequence[Any]) -> list[Any]:
     ]
 
 
+def has_symbolic_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> bool:
+    """Whether the graph's inputs have symbolic sizes. Dynamo hands real tensors as example
+    inputs, the sizes' symbols as inputs of their own (``SymInt``) and as the placeholders'
+    fake example values: any of them says so."""
+    values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+    return any(
+        isinstance(v, torch.SymInt)
+        or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape))
+        for v in (*values, *example_inputs)
+    )
+
+
 def read_timestep(arg: Any) -> float:
-    """The first element of the timestep argument, on the host."""
-    return float(arg.reshape(-1)[0]) if isinstance(arg, torch.Tensor) else float(arg)
+    """The first element of the timestep argument, on the host (``tolist`` makes no tensor: it
+    costs a tenth of ``float(arg.reshape(-1)[0])`` on the CPU)."""
+    value = arg.tolist() if isinstance(arg, torch.Tensor) else arg
+    while isinstance(value, list):
+        value = value[0]
+    return float(value)
 
 
 class GraphRuntime:
@@ -101,15 +118,11 @@ class GraphRuntime:
         #: previous replay, so with cudagraphs the cache lives in buffers this runtime owns,
         #: copied into in place on every cache step (one extra cache of memory per branch).
         self.own_cache = own_cache
-        self.symbolic = any(
-            isinstance(d, torch.SymInt)
-            for x in variants.compute.example_inputs
-            if isinstance(x, torch.Tensor)
-            for d in x.shape
-        )
+        self.symbolic = has_symbolic_shapes(variants.compute.gm, variants.compute.example_inputs)
         #: compiled variants by (name, None), or (name, signature) for a symbolic graph's
         #: variant compiled after the trace (Note [Variants compile when first needed])
         self.compiled: dict[tuple[str, Signature | None], CompiledFn] = {}
+        self.static_signature: Signature | None = None
         for name in ("compute", *ahead):
             part = variants.by_name(name)
             self.compiled[(name, None)] = self._compile(name, list(part.example_inputs))
@@ -170,10 +183,17 @@ class GraphRuntime:
         return _cloned(values)
 
     def _signature(self, args: Sequence[Any]) -> Signature:
-        return tuple(
+        """The call's input signature. Dynamo's guards hold a static-shape graph's shapes,
+        dtypes and devices fixed, so there it is read once, at the first call."""
+        if self.static_signature is not None:
+            return self.static_signature
+        signature = tuple(
             (a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a
             for a in (args[i] for i in self.signature_indices)
         )
+        if not self.symbolic:
+            self.static_signature = signature
+        return signature
 
     def __call__(self, *args: Any) -> Any:
         state = self.state

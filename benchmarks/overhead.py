@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from diffusers import PixArtTransformer2DModel
@@ -47,6 +48,8 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import bd_compile
+from bd_compile.api import runtimes_of
+from bd_compile.runtime import GraphRuntime
 from benchmarks.common import log, machine, median, sync
 
 RESULTS = Path(__file__).parent / "results"
@@ -163,6 +166,46 @@ def call_of(event: FunctionEvent) -> str | None:
     return None
 
 
+def runtime_share(calls: Calls, m: Method, repeats: int) -> dict[str, float]:
+    """Median microseconds per call, per kind, that blockdance's runtime spends around the
+    compiled graph it runs (``GraphRuntime.__call__`` minus the variant's call): measured in
+    place, each call after the previous call's kernels, not in a hot loop of the runtime alone."""
+    (rt,) = runtimes_of(m.model)
+    inside: list[float] = []
+
+    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            inside.append(time.perf_counter() - t0)
+            return out
+
+        return run
+
+    around: dict[str, list[float]] = defaultdict(list)
+    kind = [""]  # what the call being timed does
+    call = GraphRuntime.__call__
+
+    def measured(self: GraphRuntime, *args: Any) -> Any:
+        inside.clear()
+        t0 = time.perf_counter()
+        out = call(self, *args)
+        around[kind[0]].append(time.perf_counter() - t0 - sum(inside))
+        return out
+
+    compiled, compute_fn = rt.compiled, rt.compute_fn
+    rt.compiled = {k: timed(fn) for k, fn in compiled.items()}
+    rt.compute_fn = rt.compiled[("compute", None)]
+    try:
+        with mock.patch.object(GraphRuntime, "__call__", measured):
+            for _ in range(repeats):
+                for i, kind[0] in enumerate(m.kinds):
+                    calls.call(m.model, i)
+    finally:
+        rt.compiled, rt.compute_fn = compiled, compute_fn
+    return {k: 1e6 * median(v) for k, v in around.items()}
+
+
 def breakdown(calls: Calls, m: Method) -> dict[str, dict[str, float]]:
     """Microseconds per call, per kind and category, of one generation under the profiler."""
     kinds = m.kinds or ("call",) * len(calls.t)
@@ -233,12 +276,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for m in methods
         for kind, ts in sorted(times[m.name].items())
     ]
+    log("timing the blockdance runtime in place")
+    runtime = runtime_share(calls, methods[1], args.repeats)
     profiled = {}
     if not args.no_profile:
         for m in methods[:2]:
             log(f"profiling {m.name}")
             profiled[m.name] = breakdown(calls, m)
-    return {"machine": machine(), "args": vars(args), "rows": rows, "profile": profiled}
+    return {
+        "machine": machine(),
+        "args": vars(args),
+        "rows": rows,
+        "runtime_us": runtime,
+        "profile": profiled,
+    }
 
 
 def write(result: dict[str, Any], tag: str) -> Path:
@@ -269,6 +320,13 @@ def write(result: dict[str, Any], tag: str) -> Path:
             f"{r['over_inductor_us']:+.0f} | "
             f"{r['over_inductor_iqr_us'][0]:+.0f} .. {r['over_inductor_iqr_us'][1]:+.0f} |"
         )
+    lines += [
+        "",
+        "The blockdance runtime's own time per call, measured in place (`GraphRuntime.__call__` "
+        "minus the compiled graph it runs; median over the generations; blockdance row): "
+        + ", ".join(f"{k} {v:.0f} us" for k, v in sorted(result["runtime_us"].items()))
+        + ".",
+    ]
     if result["profile"]:
         cats = [c for c, _ in CATEGORIES] + [GENERATED, OTHER]
         cols = [(m, k) for m, kinds in result["profile"].items() for k in sorted(kinds)]

@@ -66,6 +66,29 @@ def test_forecast_changes_through_set_schedule_without_recompiling() -> None:
     assert c["graphs_rewritten"] == 1 and c["fallbacks"] == 0
 
 
+def test_a_forecast_asked_for_after_a_dynamic_compile_follows_each_batch_size() -> None:
+    """Note [Variants compile when first needed]: under ``dynamic=True`` a forecast graph that
+    ``set_schedule`` asks for after compiling is compiled per concrete signature (a graph
+    compiled once from the first call's tensors would be specialised to its batch size)."""
+    case, steps, window, interval = zoo.get("pixart"), 12, (0.2, 0.95), 3
+    ts = model_timesteps(case, steps)
+    plan = progress_plan(ts, window, interval)
+    k = bd_compile.default_cache_block(len(case.blocks()))
+    compiled = torch.compile(case.model, backend="blockdance", dynamic=True, options=AOT)
+    zoo.run_loop(case, compiled, steps, cfg="batched")
+    bd_compile.set_schedule(compiled, forecast=1, interval=interval, window=window)
+    for batch in (1, 2):
+        reuse_before = counters["blockdance"]["reuse_steps"]
+        got = zoo.run_loop(case, compiled, steps, cfg="batched", batch=batch)
+        assert counters["blockdance"]["reuse_steps"] > reuse_before
+        ref, _ = run_reference_loop(
+            case, k, plan, steps, "batched", forecast=1, progress=progress_values(ts), batch=batch
+        )
+        torch.testing.assert_close(got.latents, ref.latents, **TOL, msg=f"batch={batch}")
+    (rt,) = bd_compile.api.runtimes_of(compiled)
+    assert rt.symbolic and sum(name == "forecast" for name, _ in rt.compiled) == 2
+
+
 def test_explain_reports_the_forecast_memory() -> None:
     case = zoo.get("zoo_dit")
     compiled = torch.compile(case.model, backend="blockdance", options={**AOT, "forecast": 2})
