@@ -20,7 +20,8 @@ stays inline, and an output that is a view or shares memory with an input or an 
 (Flux's single blocks return two slices of one tensor) is returned as a clone (inductor returned
 wrong values for a subgraph output that was a slice of an intermediate); the blocks are visited in
 order so that the next block's inputs are described by the clones (their strides are part of its
-key, and inductor checks that every call of a subgraph agrees with them).
+key, and inductor lays out every call's operands with the strides of that call's example
+inputs: a key without strides would let blocks share a subgraph compiled for other strides).
 
 A graph with dynamic (symbolic) shapes stays inline: through inductor, outlined Flux blocks
 failed a runtime stride assertion there (torch 2.13, CPU), and the reuse graph failed to compile.
@@ -32,12 +33,14 @@ per PixArt block, 28 blocks repeat ~670 checks per call that the top-level graph
 (~0.4 us each on this CPU: +370 us per call of a 28-block model, 8% of a call that is all host
 work). They check nothing new: inductor constrains each call's operands to the strides of the
 subgraph's example inputs (``InvokeSubgraph.create``), the blocks of one subgraph have the same
-example input strides (they are part of the kind's key), and the weights the subgraph reads are
-graph inputs, checked once at the top. So ``subgraph_input_asserts_skipped`` leaves them out of
-the subgraphs of the graphs blockdance compiles with inductor's Python wrapper; the top-level
-checks, and everything else in the subgraphs, stay. Inductor's FX graph cache keys do not see
-the context, so the subgraphs' identifier names it (``SUBGRAPH_PREFIX``): entries an earlier
-bd_compile wrote, with the checks, are not served (they would be slower, never wrong).
+example input strides (they are part of the kind's key; a key without them fails at compile
+time, inductor's fake-tensor updater: "subgraph args must have consistent values"), and the
+weights the subgraph reads are graph inputs, checked once at the top. So
+``subgraph_input_asserts_skipped`` leaves them out of the subgraphs of the graphs blockdance
+compiles with inductor's Python wrapper; the top-level checks, and everything else in the
+subgraphs, stay. Inductor's FX graph cache keys do not see the context, so the subgraphs'
+identifier names it (``SUBGRAPH_PREFIX``): entries an earlier bd_compile wrote, with the checks,
+are not served (they would be slower, never wrong).
 
 A block also stays inline when it cannot be one call: one of its values is used outside it
 before its last node (where the call is placed), e.g. other code interleaved with it. Outlining
