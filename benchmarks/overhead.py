@@ -50,7 +50,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import bd_compile
 from bd_compile.api import runtimes_of
 from bd_compile.runtime import GraphRuntime
-from benchmarks.common import log, machine, median, sync
+from benchmarks.common import log, machine, median, timed
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -114,12 +114,8 @@ class Calls:
 
     def call(self, model: Any, i: int) -> float:
         """Call ``i`` of a generation (after calls ``0..i-1`` of that model); its seconds."""
-        sync(self.device)
-        t0 = time.perf_counter()
         with torch.no_grad():
-            model(timestep=self.t[i], **self.kwargs)
-        sync(self.device)
-        return time.perf_counter() - t0
+            return timed(lambda: model(timestep=self.t[i], **self.kwargs), self.device)
 
     def run(self, model: Any, label: Callable[[int], str] | None = None) -> None:
         """One generation, each call inside a profiler ``record_function`` named ``label(i)``
@@ -173,7 +169,7 @@ def runtime_share(calls: Calls, m: Method, repeats: int) -> dict[str, float]:
     (rt,) = runtimes_of(m.model)
     inside: list[float] = []
 
-    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def clocked(fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
             t0 = time.perf_counter()
             out = fn(*args)
@@ -194,7 +190,7 @@ def runtime_share(calls: Calls, m: Method, repeats: int) -> dict[str, float]:
         return out
 
     compiled, compute_fn = rt.compiled, rt.compute_fn
-    rt.compiled = {k: timed(fn) for k, fn in compiled.items()}
+    rt.compiled = {k: clocked(fn) for k, fn in compiled.items()}
     rt.compute_fn = rt.compiled[("compute", None)]
     try:
         with mock.patch.object(GraphRuntime, "__call__", measured):
