@@ -178,7 +178,38 @@ def _whole(
     final = [mixed.get(v, env[v]) if isinstance(v, fx.Node) else v for v in outs]
     graph.output((*final, *(mixed.get(b, env[b]) for b in boundary)))
     graph.lint()
-    return Part(fx.GraphModule(gm, graph, f"BlockDance_{name}"), tuple(plan), tuple(examples))
+    return Part(_module(gm, graph, name), tuple(plan), tuple(examples))
+
+
+def _module(gm: fx.GraphModule, graph: fx.Graph, name: str) -> fx.GraphModule:
+    return keep_dynamo_metadata(gm, fx.GraphModule(gm, graph, f"BlockDance_{name}"))
+
+
+def keep_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> fx.GraphModule:
+    """``dst``, a graph made from Dynamo's graph ``src``, marked as Dynamo's as ``src`` is.
+
+    Note [Static inputs]
+    Dynamo marks the model's parameters and buffers as static inputs (their placeholders'
+    ``tensor_dict["_dynamo_static_input_type"]``, which the variants' placeholders copy). AOT
+    autograd honours the marks only in a graph module it recognises as Dynamo's (Note
+    [Assumption on Dynamo Metadata] in ``torch/_functorch/_aot_autograd/frontend_utils.py``:
+    ``meta["dynamo_compile_id"]``, ``_param_name_to_source``, and a ``_dynamo_source`` on every
+    placeholder); in any other graph inductor's ``static_input_idxs`` is empty, and every weight
+    is an ordinary input: on a GPU each one's alignment is checked on every call, and under CUDA
+    graphs every weight is copied into the graph's own input buffers on every replay. So each
+    variant carries ``src``'s metadata, as DDPOptimizer's split graphs do; the inputs a variant
+    adds (cached values, forecast weights, row mask) have no source and are not static (a cache
+    is new memory in each generation).
+    """
+    dst.meta.update(src.meta)
+    if hasattr(src, "_param_name_to_source"):
+        dst._param_name_to_source = src._param_name_to_source
+    sources = {
+        n.name: getattr(n, "_dynamo_source", None) for n in src.graph.find_nodes(op="placeholder")
+    }
+    for n in dst.graph.find_nodes(op="placeholder"):
+        n._dynamo_source = sources.get(n.name)  # type: ignore[attr-defined]
+    return dst
 
 
 def _fake(
@@ -282,7 +313,7 @@ def _reuse(
     graph.eliminate_dead_code()
     graph.lint()
     name = "forecast" if forecast else "reuse"
-    return Part(fx.GraphModule(gm, graph, f"BlockDance_{name}"), tuple(plan), tuple(examples))
+    return Part(_module(gm, graph, name), tuple(plan), tuple(examples))
 
 
 def _free_symbols(value: Any) -> set[sympy.Symbol]:

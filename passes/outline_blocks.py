@@ -60,6 +60,7 @@ import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from passes.build_variants import keep_dynamo_metadata
 from passes.tag_blocks import BLOCK_META
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ def outline_blocks(gm: fx.GraphModule) -> fx.GraphModule | None:
     root: dict[str, Any] = {
         str(n.target): getattr(gm, str(n.target)) for n in gm.graph.find_nodes(op="get_attr")
     }
-    out = fx.GraphModule({**root, **subgraphs}, graph, type(gm).__name__)
+    out = keep_dynamo_metadata(gm, fx.GraphModule({**root, **subgraphs}, graph, type(gm).__name__))
     log.debug(
         "blockdance: %s: %d blocks call %d compiled-once subgraphs",
         type(gm).__name__,

@@ -104,3 +104,70 @@ def test_graphs_compiled_at_their_first_call_use_inductors_graph_cache() -> None
     inductor = counters["inductor"]
     assert inductor["fxgraph_cache_bypass"] == 0, dict(inductor)
     assert inductor["fxgraph_cache_hit"] + inductor["fxgraph_cache_miss"] == 2, dict(inductor)
+
+
+#: per graph AOT autograd compiled with ``_static_recorder``: (inputs, static input indices)
+STATIC: list[tuple[int, tuple[int, ...]]] = []
+
+
+def _static_recorder() -> Callable[..., Any]:
+    """An inner compiler that runs AOT autograd as inductor does (in a tracing context of its
+    own when Dynamo's is over: a variant compiled at its first call) and records which inputs
+    of each graph inductor would be told are static (``static_input_idxs``); graphs run
+    eagerly."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext, detect_fake_mode, tracing
+
+    def forward(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        metadata = TracingContext.get().fw_metadata
+        assert metadata is not None
+        STATIC.append((len(example_inputs), tuple(metadata.static_input_indices)))
+        return gm.forward
+
+    aot = aot_autograd(fw_compiler=forward)
+
+    def compile(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        if TracingContext.try_get() is not None:
+            return aot(gm, example_inputs)
+        with tracing(TracingContext(detect_fake_mode(example_inputs))):
+            return aot(gm, example_inputs)
+
+    return compile
+
+
+@pytest.mark.parametrize("compile_once", [True, False])
+def test_every_variant_keeps_the_weights_static_inputs_as_in_dynamos_graph(
+    compile_once: bool,
+) -> None:
+    """Note [Static inputs]: a variant inductor did not recognise as Dynamo's graph had no static
+    inputs at all (on a GPU: every weight's alignment checked per call, and copied on every
+    CUDA-graph replay). Each variant's static inputs are exactly the Dynamo graph's static
+    inputs it takes (the added cache, forecast weights and row mask are not)."""
+    from torch._dynamo.backends.registry import register_backend
+
+    from bd_compile.api import runtimes_of
+    from passes import ARGS
+
+    if "bd_static_recorder" not in torch._dynamo.list_backends(exclude_tags=()):
+        register_backend(_static_recorder(), name="bd_static_recorder")
+    case, steps = zoo.get("zoo_dit"), 12
+    STATIC.clear()
+    plain = torch.compile(case.model, backend="bd_static_recorder")
+    zoo.run_loop(case, plain, 1, cfg="batched")
+    ((_, dynamos),) = STATIC
+    assert dynamos, "Dynamo marked no input static: the test would prove nothing"
+    torch._dynamo.reset()
+    STATIC.clear()
+    options = {"inner": "bd_static_recorder", "compile_once": compile_once, "forecast": 1}
+    compiled = torch.compile(case.model, backend="blockdance", options=options)
+    zoo.run_loop(case, compiled, steps, cfg="batched")
+    assert_rewritten_and_reused()
+    (rt,) = runtimes_of(compiled)
+    names = [name for name, _ in rt.compiled]  # in compile order
+    assert {"compute", "forecast"} <= set(names), names
+    assert len(STATIC) == len(names)
+    for name, (count, static) in zip(names, STATIC, strict=True):
+        plan = rt.variants.by_name(name).plan
+        assert count == len(plan)
+        expected = tuple(j for j, (pool, i) in enumerate(plan) if pool == ARGS and i in dynamos)
+        assert static == expected, name
