@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from diffusers import PixArtTransformer2DModel
+from torch._dynamo.utils import counters
 
 import bd_compile
 from bd_compile.sampling import denoise, make_scheduler
@@ -324,6 +325,9 @@ def run(args: argparse.Namespace) -> None:
                 seconds = timed(functools.partial(loop, m.model), device)
             called.add(id(m.model))
             print(f"  warm-up {name}: {seconds:.3f} s", flush=True)
+        if args.cudagraphs:  # Note [Static inputs]: the weights must not be among them
+            copied = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+            print(f"  CUDA graphs recorded so far copy {copied} inputs per replay", flush=True)
         if args.warm_only:
             continue
         if fraction is None:
