@@ -46,6 +46,19 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def clocked(fn: Callable[..., Any], seconds: list[float]) -> Callable[..., Any]:
+    """``fn``, appending the wall-clock seconds of each call to ``seconds`` (host time: on a
+    GPU it times launches, not kernels)."""
+
+    def run(*args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    return run
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

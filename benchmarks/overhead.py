@@ -50,7 +50,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import bd_compile
 from bd_compile.api import runtimes_of
 from bd_compile.runtime import GraphRuntime
-from benchmarks.common import log, machine, median, timed
+from benchmarks.common import clocked, log, machine, median, timed
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -168,16 +168,6 @@ def runtime_share(calls: Calls, m: Method, repeats: int) -> dict[str, float]:
     place, each call after the previous call's kernels, not in a hot loop of the runtime alone."""
     (rt,) = runtimes_of(m.model)
     inside: list[float] = []
-
-    def clocked(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any) -> Any:
-            t0 = time.perf_counter()
-            out = fn(*args)
-            inside.append(time.perf_counter() - t0)
-            return out
-
-        return run
-
     around: dict[str, list[float]] = defaultdict(list)
     kind = [""]  # what the call being timed does
     call = GraphRuntime.__call__
@@ -190,7 +180,7 @@ def runtime_share(calls: Calls, m: Method, repeats: int) -> dict[str, float]:
         return out
 
     compiled, compute_fn = rt.compiled, rt.compute_fn
-    rt.compiled = {k: clocked(fn) for k, fn in compiled.items()}
+    rt.compiled = {k: clocked(fn, inside) for k, fn in compiled.items()}
     rt.compute_fn = rt.compiled[("compute", None)]
     try:
         with mock.patch.object(GraphRuntime, "__call__", measured):

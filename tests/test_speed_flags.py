@@ -86,3 +86,25 @@ def test_warm_only_compiles_and_writes_no_results(
     assert "warm-up blockdance N=2" in out and "nothing timed" in out
     assert "rep 0" not in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_step_split_clocks_every_graph_call_of_a_blockdance_model() -> None:
+    """benchmarks.step_split's inside/outside split is only as good as its clocks: every call
+    of a compiled variant lands in one of them, reuse calls in ``reuse``."""
+    import zoo
+    from bd_testing import assert_rewritten_and_reused
+
+    import bd_compile
+    from benchmarks.step_split import clock_blockdance
+
+    case = zoo.get("zoo_dit")
+    model = torch.compile(case.model, backend="blockdance", options={"inner": "aot_eager"})
+    zoo.run_loop(case, model, 8, cfg="batched")  # compiles compute and reuse
+    compute: list[float] = []
+    reuse: list[float] = []
+    clock_blockdance(model, compute, reuse)
+    zoo.run_loop(case, model, 8, cfg="batched")
+    assert_rewritten_and_reused()
+    g = bd_compile.stats(model).last
+    assert (len(compute), len(reuse)) == (g.calls - g.reused_calls, g.reused_calls)
+    assert g.reused_calls > 0 and all(s > 0 for s in compute + reuse)
