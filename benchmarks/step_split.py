@@ -32,7 +32,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -44,10 +44,9 @@ from benchmarks.common import (
     log,
     machine,
     median,
-    region_flop_fraction,
     timed,
 )
-from benchmarks.speed import SCENARIO_KEYS, Loop, build_model, select_scenarios
+from benchmarks.speed import SCENARIO_KEYS, Loop, build_model, select_scenarios, skipped_fraction
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -71,7 +70,7 @@ def inductor_clocking(seconds: list[float]) -> Callable[..., Any]:
     from torch._inductor.compile_fx import compile_fx
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        return clocked(compile_fx(gm, example_inputs), seconds)
+        return clocked(cast(Callable[..., Any], compile_fx(gm, example_inputs)), seconds)
 
     return backend
 
@@ -110,9 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bd_compile.set_schedule(bd, interval=n)
                 loop(bd)
         if fraction is None:
-            lay = bd_compile.stats(bd).graphs[0]
-            paths = list(lay.blocks[: lay.cache_block + 1])
-            fraction = region_flop_fraction(model, loop.example(), paths)
+            fraction = skipped_fraction(bd, model, loop)
             clock_blockdance(bd, compute, reuse)
         names = ["inductor", *(f"blockdance N={n}" for n in args.intervals)]
         gen: dict[str, list[float]] = {m: [] for m in names}
