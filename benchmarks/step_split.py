@@ -86,6 +86,19 @@ def clock_blockdance(model: Any, compute: list[float], reuse: list[float]) -> No
         rt.compute_fn = rt.compiled[("compute", None)]
 
 
+def guard_seconds(compiled: Any, kwargs: dict[str, Any], repeats: int) -> float:
+    """Median seconds per call that Dynamo's guards cost ``compiled`` on ``kwargs``: calls with
+    and without ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, interleaved."""
+    with_guards: list[float] = []
+    without: list[float] = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            for skip, xs in ((False, with_guards), (True, without)):
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip):
+                    xs.append(timed(lambda: compiled(**kwargs), torch.device("cpu")))
+    return median(with_guards) - median(without)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     log(f"machine: {machine()}")
@@ -151,7 +164,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     base / (t_in + base_outside),
                 )
             )
+    log("Dynamo's guards per call (plain inductor)")
+    guards = guard_seconds(inductor, Loop(args, select_scenarios(args.scenarios)[0]).example(), 30)
     return {
+        "guards_ms": 1e3 * guards,
         "machine": machine(),
         "args": vars(args),
         "fraction": fraction,
@@ -177,6 +193,10 @@ def write(result: dict[str, Any], argv: str) -> Path:
         "guards, wrappers, blockdance's runtime). No-overhead ceiling: inductor's time over "
         "(blockdance's time inside its graphs + inductor's time outside): what a runtime costing "
         "nothing beyond plain inductor would reach.",
+        f"Dynamo's guard evaluation alone costs {result['guards_ms']:.2f} ms of every call "
+        "(plain inductor's model on the first call's inputs, 30 calls each with and without "
+        "`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, interleaved: medians' "
+        "difference); it is part of outside, for every method.",
         f"Reproduce: `OMP_NUM_THREADS=1 python -m benchmarks.step_split {argv}`.",
         "",
         "| sampler | method | s/gen | inside s | outside s | compute graph ms | reuse graph ms "
