@@ -59,6 +59,24 @@ def clocked(fn: Callable[..., Any], seconds: list[float]) -> Callable[..., Any]:
     return run
 
 
+@contextmanager
+def variants_clocked(model: Any, seconds_for: Callable[[str], list[float]]) -> Iterator[None]:
+    """Inside the block, every compiled variant of blockdance ``model`` is ``clocked`` into
+    ``seconds_for(variant name)``, ``GraphRuntime.compute_fn`` (what cache steps call) too; the
+    runtimes get their own functions back after it."""
+    from bd_compile.api import runtimes_of
+
+    saved = [(rt, rt.compiled, rt.compute_fn) for rt in runtimes_of(model)]
+    for rt, compiled, _ in saved:
+        rt.compiled = {k: clocked(fn, seconds_for(k[0])) for k, fn in compiled.items()}
+        rt.compute_fn = rt.compiled[("compute", None)]
+    try:
+        yield
+    finally:
+        for rt, compiled, compute_fn in saved:
+            rt.compiled, rt.compute_fn = compiled, compute_fn
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -48,9 +48,8 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import bd_compile
-from bd_compile.api import runtimes_of
 from bd_compile.runtime import GraphRuntime
-from benchmarks.common import clocked, log, machine, median, timed
+from benchmarks.common import log, machine, median, timed, variants_clocked
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -166,7 +165,6 @@ def runtime_share(calls: Calls, m: Method, repeats: int) -> dict[str, float]:
     """Median microseconds per call, per kind, that blockdance's runtime spends around the
     compiled graph it runs (``GraphRuntime.__call__`` minus the variant's call): measured in
     place, each call after the previous call's kernels, not in a hot loop of the runtime alone."""
-    (rt,) = runtimes_of(m.model)
     inside: list[float] = []
     around: dict[str, list[float]] = defaultdict(list)
     kind = [""]  # what the call being timed does
@@ -179,16 +177,13 @@ def runtime_share(calls: Calls, m: Method, repeats: int) -> dict[str, float]:
         around[kind[0]].append(time.perf_counter() - t0 - sum(inside))
         return out
 
-    compiled, compute_fn = rt.compiled, rt.compute_fn
-    rt.compiled = {k: clocked(fn, inside) for k, fn in compiled.items()}
-    rt.compute_fn = rt.compiled[("compute", None)]
-    try:
-        with mock.patch.object(GraphRuntime, "__call__", measured):
-            for _ in range(repeats):
-                for i, kind[0] in enumerate(m.kinds):
-                    calls.call(m.model, i)
-    finally:
-        rt.compiled, rt.compute_fn = compiled, compute_fn
+    with (
+        variants_clocked(m.model, lambda _: inside),
+        mock.patch.object(GraphRuntime, "__call__", measured),
+    ):
+        for _ in range(repeats):
+            for i, kind[0] in enumerate(m.kinds):
+                calls.call(m.model, i)
     return {k: 1e6 * median(v) for k, v in around.items()}
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,7 +38,6 @@ from typing import Any, cast
 import torch
 
 import bd_compile
-from bd_compile.api import runtimes_of
 from benchmarks.common import (
     clocked,
     flop_bound_speedup,
@@ -45,6 +45,7 @@ from benchmarks.common import (
     machine,
     median,
     timed,
+    variants_clocked,
 )
 from benchmarks.speed import SCENARIO_KEYS, Loop, build_model, select_scenarios, skipped_fraction
 
@@ -73,17 +74,6 @@ def inductor_clocking(seconds: list[float]) -> Callable[..., Any]:
         return clocked(cast(Callable[..., Any], compile_fx(gm, example_inputs)), seconds)
 
     return backend
-
-
-def clock_blockdance(model: Any, compute: list[float], reuse: list[float]) -> None:
-    """Every compiled variant of blockdance ``model`` clocked: ``compute`` into ``compute``,
-    the others into ``reuse`` (after the warm-up, so the variants exist)."""
-    for rt in runtimes_of(model):
-        rt.compiled = {
-            key: clocked(fn, compute if key[0] == "compute" else reuse)
-            for key, fn in rt.compiled.items()
-        }
-        rt.compute_fn = rt.compiled[("compute", None)]
 
 
 def guard_seconds(compiled: Any, kwargs: dict[str, Any], repeats: int) -> float:
@@ -123,14 +113,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 loop(bd)
         if fraction is None:
             fraction = skipped_fraction(bd, model, loop)
-            clock_blockdance(bd, compute, reuse)
         names = ["inductor", *(f"blockdance N={n}" for n in args.intervals)]
         gen: dict[str, list[float]] = {m: [] for m in names}
         inside: dict[str, list[float]] = {m: [] for m in names}
         per_call: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in names}
         reused: dict[str, int] = {}
-        for rep in range(args.repeats):
-            for name, n in zip(names, (None, *args.intervals), strict=True):
+        with variants_clocked(bd, lambda variant: compute if variant == "compute" else reuse):
+            for rep, (name, n) in itertools.product(
+                range(args.repeats), zip(names, (None, *args.intervals), strict=True)
+            ):
                 for xs in (ind_graph, compute, reuse):
                     xs.clear()
                 if n is not None:

@@ -88,23 +88,30 @@ def test_warm_only_compiles_and_writes_no_results(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_step_split_clocks_every_graph_call_of_a_blockdance_model() -> None:
-    """benchmarks.step_split's inside/outside split is only as good as its clocks: every call
-    of a compiled variant lands in one of them, reuse calls in ``reuse``."""
+def test_variants_clocked_clocks_every_graph_call_of_a_blockdance_model() -> None:
+    """benchmarks.step_split's inside/outside split and benchmarks.overhead's runtime share are
+    only as good as ``variants_clocked``: every call of a compiled variant lands in its list
+    (cache steps call ``compute_fn`` directly), and the runtime gets its functions back."""
     import zoo
     from bd_testing import assert_rewritten_and_reused
 
     import bd_compile
-    from benchmarks.step_split import clock_blockdance
+    from bd_compile.api import runtimes_of
+    from benchmarks.common import variants_clocked
 
     case = zoo.get("zoo_dit")
     model = torch.compile(case.model, backend="blockdance", options={"inner": "aot_eager"})
     zoo.run_loop(case, model, 8, cfg="batched")  # compiles compute and reuse
-    compute: list[float] = []
-    reuse: list[float] = []
-    clock_blockdance(model, compute, reuse)
-    zoo.run_loop(case, model, 8, cfg="batched")
+    (rt,) = runtimes_of(model)
+    before = (dict(rt.compiled), rt.compute_fn)
+    seconds: dict[str, list[float]] = {"compute": [], "reuse": []}
+    with variants_clocked(model, seconds.__getitem__):
+        zoo.run_loop(case, model, 8, cfg="batched")
     assert_rewritten_and_reused()
     g = bd_compile.stats(model).last
-    assert (len(compute), len(reuse)) == (g.calls - g.reused_calls, g.reused_calls)
-    assert g.reused_calls > 0 and all(s > 0 for s in compute + reuse)
+    assert (len(seconds["compute"]), len(seconds["reuse"])) == (
+        g.calls - g.reused_calls,
+        g.reused_calls,
+    )
+    assert g.reused_calls > 0 and all(s > 0 for s in seconds["compute"] + seconds["reuse"])
+    assert (rt.compiled, rt.compute_fn) == before
