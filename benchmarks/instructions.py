@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,8 +171,14 @@ def child(args: argparse.Namespace) -> None:
     methods = {
         "inductor": torch.compile(model, backend="inductor"),
         "blockdance": torch.compile(model, backend="blockdance", options=options),
+        "blockdance~counted": torch.compile(
+            model, backend="blockdance", options={**options, "timesteps": calls.timesteps}
+        ),
         "blockdance~compile_once=False": torch.compile(
             model, backend="blockdance", options={**options, "compile_once": False}
+        ),
+        "blockdance~interval=1": torch.compile(
+            model, backend="blockdance", options={"interval": 1}
         ),
     }
     kinds: dict[str, tuple[str, ...]] = {}
@@ -239,8 +245,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # callgrind.out.<n>: the n-th labelled dump (the unlabelled callgrind.out is the exit's)
         files = sorted(work.glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
         dumps = [parse_dump(p.read_text()) for p in files]
-    if len(dumps) != 3 * args.rounds * args.calls:
-        raise RuntimeError(f"expected {3 * args.rounds * args.calls} dumps, read {len(dumps)}")
+    per_method = Counter(d.method for d in dumps)
+    if not dumps or set(per_method.values()) != {args.rounds * args.calls}:
+        raise RuntimeError(f"expected {args.rounds * args.calls} dumps per method: {per_method}")
     return {
         "machine": machine_line(),
         "args": {k: v for k, v in vars(args).items() if k not in ("child", "shim")},

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +117,18 @@ def test_variants_clocked_clocks_every_graph_call_of_a_blockdance_model() -> Non
     )
     assert g.reused_calls > 0 and all(s > 0 for s in seconds["compute"] + seconds["reuse"])
     assert (rt.compiled, rt.compute_fn) == before
+
+
+def test_overhead_median_ci_narrows_with_more_calls() -> None:
+    """benchmarks.overhead's interval of the median: around the median, seeded (the same table
+    from the same data), and narrower for 16x the calls (what ``--repeats`` buys)."""
+    from benchmarks.overhead import median_ci
+
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(50, 100, 50).tolist(), rng.normal(50, 100, 800).tolist()
+    lo, hi = median_ci(few)
+    assert lo < statistics.median(few) < hi
+    assert median_ci(few) == (lo, hi)
+    lo_many, hi_many = median_ci(many)
+    assert lo_many < 50 < hi_many
+    assert hi_many - lo_many < 0.5 * (hi - lo)
