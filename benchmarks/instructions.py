@@ -1,20 +1,21 @@
 """Instructions per call under callgrind: blockdance's compute and reuse calls against plain
 inductor, counted instead of timed.
 
-    python -m benchmarks.instructions     # CPU: ~3 min plain warm-up, ~4 min under valgrind
+    python -m benchmarks.instructions     # CPU: ~3 min plain warm-up, ~9 min under valgrind
 
-``benchmarks.overhead`` times calls on a shared machine: its paired quartiles span ~100 us, more
-than issue 18's 30 us target. This counts what the host executes instead, which does not depend
-on the machine's load: the same 28-block PixArt-shaped model and calls as ``benchmarks.overhead``
-run in a child process under ``valgrind --tool=callgrind --instr-atstart=no``; after the warm-up
-generations a five-line C shim over ``valgrind/callgrind.h`` (loaded by ctypes) switches the
-instrumentation on, zeroes the counters before each model call and dumps them after it, so each
-dump is exactly one call (Dynamo's guards, the runtime, the wrappers, the generated code, ATen
-and the kernels' own instructions). Calls ``0..--calls-1`` of a generation are counted,
-``--rounds`` times, for each method. Reported per method and kind of call: the median
-instructions per call (the spread over calls is a fraction of a percent), minus inductor's
-median, and two counts that say where a difference comes from: CPU storage allocations
-(``c10::alloc_cpu``) and calls of inductor's generated C++ kernels (``kernel_py``).
+``benchmarks.overhead`` times calls on a shared machine: after 30 generations its medians are
+known to +-35-45 us (95% interval), the size of issue 18's 30 us target. This counts what the
+host executes instead, which does not depend on the machine's load: the same 28-block
+PixArt-shaped model, calls and methods as ``benchmarks.overhead`` run in a child process under
+``valgrind --tool=callgrind --instr-atstart=no``; after the warm-up generations a five-line C
+shim over ``valgrind/callgrind.h`` (loaded by ctypes) switches the instrumentation on, zeroes
+the counters before each model call and dumps them after it, so each dump is exactly one call
+(Dynamo's guards, the runtime, the wrappers, the generated code, ATen and the kernels' own
+instructions). Calls ``0..--calls-1`` of a generation are counted, ``--rounds`` times, for each
+method. Reported per method and kind of call: the median instructions per call (the spread over
+calls is about a percent at most), minus inductor's median, and two counts that say where a
+difference comes from: CPU storage allocations (``c10::alloc_cpu``) and calls of inductor's
+generated C++ kernels (``kernel_py``).
 
 Instructions are not microseconds: Python, allocation and a GEMM run at very different
 instructions per cycle. Read this for what a change adds or removes, ``benchmarks.overhead`` for
