@@ -49,7 +49,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import log
+import torch
+
+from benchmarks.common import log, machine
+from benchmarks.overhead import Calls, add_model_args, build_model, compiled_methods, kinds_of
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / ".inductor-cache-callgrind"
@@ -160,28 +163,11 @@ def missing_tools() -> list[str]:
 
 def child(args: argparse.Namespace) -> None:
     """The measured process: warm-up generations, then (under valgrind) one dump per call."""
-    import torch
-
-    from benchmarks.overhead import Calls, build_model, kinds_of
-
     torch.set_num_threads(1)
     a = argparse.Namespace(**vars(args), device="cpu")
     model = build_model(a)
     calls = Calls(a)
-    options: dict[str, Any] = {"interval": args.interval, "window": (0.0, 1.0)}
-    methods = {
-        "inductor": torch.compile(model, backend="inductor"),
-        "blockdance": torch.compile(model, backend="blockdance", options=options),
-        "blockdance~counted": torch.compile(
-            model, backend="blockdance", options={**options, "timesteps": calls.timesteps}
-        ),
-        "blockdance~compile_once=False": torch.compile(
-            model, backend="blockdance", options={**options, "compile_once": False}
-        ),
-        "blockdance~interval=1": torch.compile(
-            model, backend="blockdance", options={"interval": 1}
-        ),
-    }
+    methods = compiled_methods(model, calls, args.interval)
     kinds: dict[str, tuple[str, ...]] = {}
     for name, m in methods.items():
         log(f"warm-up {name}")
@@ -199,7 +185,8 @@ def child(args: argparse.Namespace) -> None:
                 for name, m in methods.items():
                     shim.bd_zero()
                     m(timestep=calls.t[i], **calls.kwargs)
-                    shim.bd_dump(f"{name}|{kinds[name][i]}|{rnd}|{i}".encode())
+                    label = f"{name.replace(' ', '~')}|{kinds[name][i]}|{rnd}|{i}"
+                    shim.bd_dump(label.encode())
             log(f"round {rnd + 1}/{args.rounds} counted")
     shim.bd_stop()
 
@@ -258,10 +245,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine_line() -> str:
-    import torch
-
-    from benchmarks.common import machine
-
     torch.set_num_threads(1)  # as in the counted process
 
     version = subprocess.check_output(["valgrind", "--version"], text=True).strip()
@@ -312,11 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--blocks", type=int, default=28)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--latent", type=int, default=4, help="latent side; tokens = (latent/2)^2")
-    p.add_argument("--steps", type=int, default=50, help="model calls per generation")
-    p.add_argument("--interval", type=int, default=2, help="blockdance N")
+    add_model_args(p)
     p.add_argument("--calls", type=int, default=6, help="calls counted per generation")
     p.add_argument("--rounds", type=int, default=2, help="generations counted")
     p.add_argument("--tag", default="", help="results/instructions-<tag>.md")

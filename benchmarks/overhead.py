@@ -213,30 +213,40 @@ def breakdown(calls: Calls, m: Method) -> dict[str, dict[str, float]]:
     return {k: {c: us / n[k] for c, us in cats.items()} for k, cats in per_kind.items()}
 
 
+def compiled_methods(model: torch.nn.Module, calls: Calls, interval: int) -> dict[str, Any]:
+    """The methods compared (also by ``benchmarks.instructions``), by name; the first is the
+    baseline."""
+    options: dict[str, Any] = {"interval": interval, "window": (0.0, 1.0)}
+    return {
+        "inductor": torch.compile(model, backend="inductor"),
+        "blockdance": torch.compile(model, backend="blockdance", options=options),
+        "blockdance counted": torch.compile(
+            model, backend="blockdance", options={**options, "timesteps": calls.timesteps}
+        ),
+        "blockdance compile_once=False": torch.compile(
+            model, backend="blockdance", options={**options, "compile_once": False}
+        ),
+        "blockdance interval=1": torch.compile(
+            model, backend="blockdance", options={"interval": 1}
+        ),
+    }
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model and generation flags (also ``benchmarks.instructions``')."""
+    p.add_argument("--blocks", type=int, default=28)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--latent", type=int, default=4, help="latent side; tokens = (latent/2)^2")
+    p.add_argument("--steps", type=int, default=50, help="model calls per generation")
+    p.add_argument("--interval", type=int, default=2, help="blockdance N")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     log(f"machine: {machine()}")
     model = build_model(args)
     calls = Calls(args)
-    options: dict[str, Any] = {"interval": args.interval, "window": (0.0, 1.0)}
-    methods = [
-        Method("inductor", torch.compile(model, backend="inductor")),
-        Method("blockdance", torch.compile(model, backend="blockdance", options=options)),
-        Method(
-            "blockdance counted",
-            torch.compile(
-                model, backend="blockdance", options={**options, "timesteps": calls.timesteps}
-            ),
-        ),
-        Method(
-            "blockdance compile_once=False",
-            torch.compile(model, backend="blockdance", options={**options, "compile_once": False}),
-        ),
-        Method(
-            "blockdance interval=1",
-            torch.compile(model, backend="blockdance", options={"interval": 1}),
-        ),
-    ]
+    methods = [Method(name, m) for name, m in compiled_methods(model, calls, args.interval).items()]
     for i, m in enumerate(methods):
         log(f"warm-up {m.name}")
         calls.run(m.model)
@@ -347,11 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--blocks", type=int, default=28)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--latent", type=int, default=4, help="latent side; tokens = (latent/2)^2")
-    p.add_argument("--steps", type=int, default=50, help="model calls per generation")
-    p.add_argument("--interval", type=int, default=2, help="blockdance N")
+    add_model_args(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
