@@ -246,7 +246,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def machine_line() -> str:
     torch.set_num_threads(1)  # as in the counted process
-
     version = subprocess.check_output(["valgrind", "--version"], text=True).strip()
     return f"{machine()}; counted under {version}"
 
