@@ -52,7 +52,14 @@ from typing import Any
 import torch
 
 from benchmarks.common import log, machine
-from benchmarks.overhead import Calls, add_model_args, build_model, compiled_methods, kinds_of
+from benchmarks.overhead import (
+    Calls,
+    add_model_args,
+    build_model,
+    compiled_methods,
+    kinds_of,
+    model_line,
+)
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / ".inductor-cache-callgrind"
@@ -266,8 +273,7 @@ def write(result: dict[str, Any], tag: str) -> Path:
         "# Instructions per call: blockdance vs plain inductor (callgrind)",
         "",
         f"Machine: {result['machine']}.",
-        f"Model: PixArt-shaped DiT, {a['blocks']} blocks, width {a['width']}, "
-        f"{(a['latent'] // 2) ** 2} image tokens, batch 2 (as `benchmarks.overhead`); "
+        f"Model: {model_line(a)} (as `benchmarks.overhead`); "
         f"blockdance interval={a['interval']} over the whole trajectory. Calls 0..{a['calls'] - 1} "
         f"of a {a['steps']}-call generation, {a['rounds']} generations, each call counted on its "
         "own after two warm-up generations. Instructions: median per call; spread: (max - min) "

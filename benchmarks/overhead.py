@@ -295,6 +295,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def model_line(a: dict[str, Any]) -> str:
+    """The model ``build_model`` makes from these flags, in words."""
+    return (
+        f"PixArt-shaped DiT, {a['blocks']} blocks, width {a['width']}, "
+        f"{(a['latent'] // 2) ** 2} image tokens, batch 2"
+    )
+
+
 def write(result: dict[str, Any], tag: str) -> Path:
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / (f"overhead-{tag}" if tag else "overhead")
@@ -304,8 +312,7 @@ def write(result: dict[str, Any], tag: str) -> Path:
         "# Host overhead per call: blockdance vs plain inductor",
         "",
         f"Machine: {result['machine']}.",
-        f"Model: PixArt-shaped DiT, {a['blocks']} blocks, width {a['width']}, "
-        f"{(a['latent'] // 2) ** 2} image tokens, batch 2; {a['steps']} calls per generation, "
+        f"Model: {model_line(a)}; {a['steps']} calls per generation, "
         f"blockdance interval={a['interval']} over the whole trajectory; {a['repeats']} "
         "generations per method, interleaved call by call (the methods' order rotating), every "
         "call timed on its own. Minus inductor's: the median over calls of a call's time minus "
