@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import json
 import os
 import platform
 import statistics
@@ -174,6 +175,15 @@ def write_csv(path: Path, rows: Sequence[Any]) -> None:
         w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         w.writeheader()
         w.writerows(asdict(r) for r in rows)
+
+
+def write_json(results: Path, name: str, tag: str, result: dict[str, Any]) -> Path:
+    """``result`` as ``results/<name>[-<tag>].json``; the path of the table that goes next to
+    it, ``results/<name>[-<tag>].md`` (a tag may hold dots: no ``with_suffix``)."""
+    results.mkdir(parents=True, exist_ok=True)
+    base = f"{name}-{tag}" if tag else name
+    (results / f"{base}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return results / f"{base}.md"
 
 
 def log(msg: str) -> None:

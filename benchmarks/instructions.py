@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import re
 import shutil
@@ -51,7 +50,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import log, machine
+from benchmarks.common import log, machine, write_json
 from benchmarks.overhead import (
     Calls,
     add_model_args,
@@ -265,9 +264,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
 
 
 def write(result: dict[str, Any], tag: str) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / (f"instructions-{tag}" if tag else "instructions")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    path = write_json(RESULTS, "instructions", tag, result)
     a = result["args"]
     lines = [
         "# Instructions per call: blockdance vs plain inductor (callgrind)",
@@ -292,8 +289,8 @@ def write(result: dict[str, Any], tag: str) -> Path:
             f"({100 * r['minus_inductor'] / (r['instructions'] - r['minus_inductor']):+.1f}%) | "
             f"{r['allocations']:.0f} | {r['kernels']:.0f} |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return stem.with_suffix(".md")
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

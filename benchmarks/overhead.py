@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from collections import defaultdict
@@ -50,7 +49,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import bd_compile
 from bd_compile.runtime import GraphRuntime
-from benchmarks.common import log, machine, median, timed, variants_clocked
+from benchmarks.common import log, machine, median, timed, variants_clocked, write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -304,9 +303,7 @@ def model_line(a: dict[str, Any]) -> str:
 
 
 def write(result: dict[str, Any], tag: str) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / (f"overhead-{tag}" if tag else "overhead")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    path = write_json(RESULTS, "overhead", tag, result)
     a = result["args"]
     lines = [
         "# Host overhead per call: blockdance vs plain inductor",
@@ -356,8 +353,8 @@ def write(result: dict[str, Any], tag: str) -> Path:
             lines.append(f"| {c} | " + " | ".join(f"{v:.0f}" for v in vals) + " |")
         totals = [sum(result["profile"][m][k].values()) for m, k in cols]
         lines.append("| **total** | " + " | ".join(f"**{v:.0f}**" for v in totals) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return stem.with_suffix(".md")
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

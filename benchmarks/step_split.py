@@ -29,7 +29,6 @@ import argparse
 import copy
 import functools
 import itertools
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from benchmarks.common import (
     median,
     timed,
     variants_clocked,
+    write_json,
 )
 from benchmarks.speed import SCENARIO_KEYS, Loop, build_model, select_scenarios, skipped_fraction
 
@@ -168,9 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def write(result: dict[str, Any], argv: str) -> Path:
     args = result["args"]
-    stem = "step-split" + (f"-{args['tag']}" if args["tag"] else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    path = write_json(RESULTS, "step-split", args["tag"], result)
     keep = 1 - result["fraction"]
     lines = [
         "# Where a generation's time goes: inside the compiled graphs and outside them",
@@ -207,7 +205,6 @@ def write(result: dict[str, Any], argv: str) -> Path:
             f"{r['speedup'] / r['flop_bound']:.3f} | {r['no_overhead_ceiling']:.3f}x "
             f"({r['no_overhead_ceiling'] / r['flop_bound']:.3f}) |"
         )
-    path = RESULTS / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -132,3 +133,15 @@ def test_overhead_median_ci_narrows_with_more_calls() -> None:
     lo_many, hi_many = median_ci(many)
     assert lo_many < 50 < hi_many
     assert hi_many - lo_many < 0.5 * (hi - lo)
+
+
+def test_write_json_names_the_files_by_tag(tmp_path: Path) -> None:
+    """The benchmarks' results files: ``<name>[-<tag>].json`` next to the table's ``.md``, a tag
+    with dots kept whole (``with_suffix`` would cut ``n2.5`` to ``n2``)."""
+    from benchmarks.common import write_json
+
+    out = tmp_path / "results"
+    assert write_json(out, "overhead", "", {"a": 1}) == out / "overhead.md"
+    assert write_json(out, "overhead", "n2.5", {"a": 2}) == out / "overhead-n2.5.md"
+    assert json.loads((out / "overhead-n2.5.json").read_text()) == {"a": 2}
+    assert sorted(p.name for p in out.iterdir()) == ["overhead-n2.5.json", "overhead.json"]
