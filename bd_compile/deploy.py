@@ -5,8 +5,9 @@ Note [Export]
 static shapes), runs the passes on it as the backend does, and exports each variant graph the
 schedule needs (Note [One graph per call]: ``compute``, ``reuse``, and ``forecast`` when
 ``forecast > 0``) with ``torch.export`` and ``aoti_compile_and_package``, each block kind
-compiled once as the backend does (``compile_once``, Note [Compile-once blocks]; a graph that
-does not export outlined is exported inline, with a warning). The model's weights
+compiled once as the backend does where AOTInductor can call subgraphs (``compile_once``, Note
+[Compile-once blocks]: not in torch 2.13; a graph that does not export outlined is exported
+inline, with a warning). The model's weights
 become constants of each package (a package holds the weights its graph reads: ``reuse`` only
 those of the blocks after the region); a package's inputs are the call's tensors and, for
 ``reuse``/``forecast``, the cached values, in the order ``manifest.json`` records as its plan.
@@ -48,6 +49,7 @@ from bd_compile.runtime import GraphRuntime
 from bd_compile.settings import Settings, from_options
 from passes import RegionError, rewrite
 from passes.build_variants import ARGS, Part, Variants
+from passes.outline_blocks import cpp_wrapper_calls_subgraphs
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +165,11 @@ def _package(
         else:
             sources.append((v,))
     t0 = time.perf_counter()
-    try:
-        _aoti(part.gm, sources, weights, inputs, dest)
+    inline = part.inline if part.inline is not None else part.gm
+    try:  # Note [Compile-once blocks]: AOTInductor may not call subgraphs
+        _aoti(part.gm if cpp_wrapper_calls_subgraphs() else inline, sources, weights, inputs, dest)
     except Exception as e:
-        if part.inline is None:
+        if inline is part.gm or not cpp_wrapper_calls_subgraphs():
             raise
         log.warning(
             "blockdance: the %s graph did not export with each block compiled once (%s: %s); "
@@ -175,7 +178,7 @@ def _package(
             type(e).__name__,
             str(e).splitlines()[0] if str(e) else "",
         )
-        _aoti(part.inline, sources, weights, inputs, dest)
+        _aoti(inline, sources, weights, inputs, dest)
     log.info("blockdance: exported %s in %.0f s", dest.name, time.perf_counter() - t0)
     return plan
 

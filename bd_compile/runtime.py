@@ -44,8 +44,9 @@ from bd_compile.calls import FORECAST, MIXED, REUSE, answer, decide_after
 from bd_compile.keys import Signature, Slot
 from bd_compile.layout import Layout
 from bd_compile.loop import LoopState
+from bd_compile.settings import uses_cpp_wrapper
 from passes import Variants
-from passes.outline_blocks import subgraph_input_asserts_skipped
+from passes.outline_blocks import cpp_wrapper_calls_subgraphs, subgraph_input_asserts_skipped
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,14 @@ class GraphRuntime:
         part = self.variants.by_name(name)
         if part.inline is None:
             return self.inner(part.gm, example_inputs)
+        if uses_cpp_wrapper(self.state.settings) and not cpp_wrapper_calls_subgraphs():
+            log.info(
+                "blockdance: compiling the %s graph with its blocks inline: inductor's C++ "
+                "wrapper (cpp_wrapper) cannot call blocks compiled once in this torch",
+                name,
+            )
+            counters["blockdance"]["compile_once_skipped"] += 1
+            return self.inner(part.inline, example_inputs)
         inductor = self.state.settings.inner == "inductor"  # Note [Subgraph input asserts]
         try:
             with subgraph_input_asserts_skipped() if inductor else contextlib.nullcontext():

@@ -189,6 +189,16 @@ def inductor_config_patches(s: Settings) -> dict[str, Any]:
     return patches
 
 
+def uses_cpp_wrapper(s: Settings) -> bool:
+    """Whether the inner compiler is inductor generating a C++ wrapper (``cpp_wrapper`` in
+    ``inner_options``, else inductor's config)."""
+    if s.inner != "inductor":
+        return False
+    from torch._inductor import config
+
+    return bool(inductor_config_patches(s).get("cpp_wrapper", config.cpp_wrapper))
+
+
 FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
 
 

@@ -42,6 +42,11 @@ subgraphs, stay. Inductor's FX graph cache keys do not see the context, so the s
 identifier names it (``SUBGRAPH_PREFIX``): entries an earlier bd_compile wrote, with the checks,
 are not served (they would be slower, never wrong).
 
+Inductor's C++ wrapper (``cpp_wrapper=True``, and AOTInductor, which always generates one) has
+no code for ``invoke_subgraph`` in torch 2.13 (``NotImplementedError``, raised after the whole
+graph is lowered): where it is used, the graphs are compiled and exported with their blocks
+inline from the start (``cpp_wrapper_calls_subgraphs``), not tried outlined first.
+
 A block also stays inline when it cannot be one call: one of its values is used outside it
 before its last node (where the call is placed), e.g. other code interleaved with it. Outlining
 only regroups nodes: the graph computes the same values.
@@ -50,6 +55,7 @@ only regroups nodes: the graph computes the same values.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import operator
 from collections import defaultdict
@@ -238,6 +244,22 @@ def subgraph_input_asserts_skipped() -> Iterator[None]:
             delattr(Codegen, name)
         else:
             setattr(Codegen, name, own)
+
+
+@functools.cache
+def cpp_wrapper_calls_subgraphs() -> bool:
+    """Whether inductor's C++ wrapper generates code for ``invoke_subgraph`` calls (Note
+    [Compile-once blocks]). Asked of the method itself with stand-in arguments: torch 2.13's
+    raises ``NotImplementedError`` before reading them; one that reads them is implemented."""
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    try:
+        CppWrapperCpu.codegen_invoke_subgraph(None, None)  # type: ignore[arg-type]
+    except NotImplementedError:
+        return False
+    except Exception:  # it read the stand-ins: there is an implementation
+        pass
+    return True
 
 
 def outline_blocks(gm: fx.GraphModule) -> fx.GraphModule | None:

@@ -228,6 +228,73 @@ def test_a_variant_that_fails_to_compile_outlined_compiles_inline_with_a_warning
         zoo.run_loop(case, strict, 2, cfg="batched")
 
 
+def test_inductors_cpp_wrapper_cannot_call_subgraphs_in_this_torch() -> None:
+    """What the export and ``cpp_wrapper`` rely on (Note [Compile-once blocks]). A torch whose
+    C++ wrapper calls subgraphs fails this: then check outlined blocks compile and export."""
+    from passes.outline_blocks import cpp_wrapper_calls_subgraphs
+
+    assert not cpp_wrapper_calls_subgraphs()
+
+
+@pytest.mark.parametrize(
+    ("cpp_wrapper", "calls_subgraphs", "outlined"),
+    [(True, False, False), (True, True, True), (False, False, True)],
+)
+def test_with_a_cpp_wrapper_that_cannot_call_subgraphs_blocks_compile_inline_untried(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    cpp_wrapper: bool,
+    calls_subgraphs: bool,
+    outlined: bool,
+) -> None:
+    """Inductor is stubbed by aot_eager recording whether each graph it gets has outlined
+    blocks; ``inner_options={"cpp_wrapper": ...}`` as a user gives it."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    import bd_compile.backend as backend
+    import bd_compile.runtime as runtime
+
+    eager, seen = lookup_backend("aot_eager"), []
+
+    def inductor(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        seen.append(bool(_calls(gm)))
+        return eager(gm, example_inputs)
+
+    monkeypatch.setattr(backend, "resolve_inner", lambda name, patches=None: inductor)
+    monkeypatch.setattr(runtime, "cpp_wrapper_calls_subgraphs", lambda: calls_subgraphs)
+    case = zoo.get("zoo_dit")
+    options = {"inner_options": {"cpp_wrapper": cpp_wrapper}}
+    compiled = torch.compile(case.model, backend="blockdance", options=options)
+    with caplog.at_level("WARNING", logger="bd_compile"):
+        got = zoo.run_loop(case, compiled, 6, cfg="batched").latents
+    assert_rewritten_and_reused()
+    assert seen == [outlined, outlined]  # compute, reuse
+    assert counters["blockdance"]["compile_once_skipped"] == (0 if outlined else 2)
+    assert counters["blockdance"]["compile_once_failures"] == 0
+    assert not caplog.records
+    torch._dynamo.reset()
+    plain = torch.compile(case.model, backend="blockdance", options={**AOT, "compile_once": False})
+    torch.testing.assert_close(got, zoo.run_loop(case, plain, 6, cfg="batched").latents, **TOL)
+
+
+@pytest.mark.slow  # inductor with its C++ wrapper, compiled cold
+def test_cpp_wrapper_compiles_the_blocks_inline_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    case = zoo.get("zoo_dit")
+    options = {"inner_options": {"cpp_wrapper": True}}
+    compiled = torch.compile(case.model, backend="blockdance", options=options)
+    with caplog.at_level("WARNING", logger="bd_compile"):
+        got = zoo.run_loop(case, compiled, 6, cfg="batched").latents
+    assert_rewritten_and_reused()
+    assert counters["blockdance"]["compile_once_skipped"] == 2
+    assert counters["blockdance"]["compile_once_failures"] == 0
+    assert not caplog.records
+    torch._dynamo.reset()
+    plain = torch.compile(case.model, backend="blockdance", options={"compile_once": False})
+    torch.testing.assert_close(got, zoo.run_loop(case, plain, 6, cfg="batched").latents, **TOL)
+
+
 def test_compile_once_must_be_a_bool() -> None:
     import bd_compile.settings as settings
 

@@ -152,24 +152,32 @@ def test_options_export_cannot_honour_raise() -> None:
         export(NoBlocks(), (torch.randn(2, 8), torch.ones(1)), options={"policy": "p.json"})
 
 
-@pytest.mark.parametrize("compile_once", [True, False])
+@pytest.mark.parametrize(
+    ("compile_once", "aoti_calls_subgraphs"), [(True, True), (True, False), (False, True)]
+)
 def test_a_graph_that_does_not_export_outlined_is_exported_inline_with_a_warning(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     compile_once: bool,
+    aoti_calls_subgraphs: bool,
 ) -> None:
-    """AOTInductor is stubbed: it refuses outlined blocks, and writes a stand-in package."""
+    """AOTInductor is stubbed: it refuses outlined blocks, and writes a stand-in package. Where
+    it cannot call subgraphs at all (torch 2.13), the blocks are exported inline from the start:
+    not tried outlined, no warning (Note [Compile-once blocks])."""
+    tried: list[bool] = []  # per _aoti call: were the blocks outlined?
     exported: list[str] = []
 
     def aoti(gm: torch.fx.GraphModule, *args: Any) -> None:
         dest: Path = args[-1]
-        if any(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes):
+        tried.append(torch.ops.higher_order.invoke_subgraph in {n.target for n in gm.graph.nodes})
+        if tried[-1]:
             raise RuntimeError("no outlined blocks here")
         exported.append(dest.name)
         dest.write_bytes(b"stand-in")
 
     monkeypatch.setattr(deploy, "_aoti", aoti)
+    monkeypatch.setattr(deploy, "cpp_wrapper_calls_subgraphs", lambda: aoti_calls_subgraphs)
     case = zoo.get("dit")
     with caplog.at_level(logging.WARNING, logger="bd_compile.deploy"):
         export(
@@ -180,8 +188,10 @@ def test_a_graph_that_does_not_export_outlined_is_exported_inline_with_a_warning
         )
     assert exported == ["compute.pt2", "reuse.pt2"]
     warned = [r.getMessage() for r in caplog.records if "did not export" in r.getMessage()]
-    if compile_once:
+    if compile_once and aoti_calls_subgraphs:
+        assert tried == [True, False, True, False]
         assert len(warned) == 2
         assert "each block compiled once (RuntimeError: no outlined blocks here)" in warned[0]
     else:
+        assert tried == [False, False]
         assert not warned
