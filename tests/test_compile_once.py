@@ -236,6 +236,26 @@ def test_inductors_cpp_wrapper_cannot_call_subgraphs_in_this_torch() -> None:
     assert not cpp_wrapper_calls_subgraphs()
 
 
+def _check_cpp_wrapper_run(
+    caplog: pytest.LogCaptureFixture, cpp_wrapper: bool, skipped: int, reference: dict[str, Any]
+) -> None:
+    """Six steps of the zoo DiT with ``inner_options={"cpp_wrapper": ...}`` as a user gives it:
+    rewritten, reused, ``skipped`` variants compiled inline untried, no warning, and the outputs
+    of blockdance with ``reference`` options."""
+    case = zoo.get("zoo_dit")
+    options = {"inner_options": {"cpp_wrapper": cpp_wrapper}}
+    compiled = torch.compile(case.model, backend="blockdance", options=options)
+    with caplog.at_level("WARNING", logger="bd_compile"):
+        got = zoo.run_loop(case, compiled, 6, cfg="batched").latents
+    assert_rewritten_and_reused()
+    assert counters["blockdance"]["compile_once_skipped"] == skipped
+    assert counters["blockdance"]["compile_once_failures"] == 0
+    assert not caplog.records
+    torch._dynamo.reset()
+    plain = torch.compile(case.model, backend="blockdance", options=reference)
+    torch.testing.assert_close(got, zoo.run_loop(case, plain, 6, cfg="batched").latents, **TOL)
+
+
 @pytest.mark.parametrize(
     ("cpp_wrapper", "calls_subgraphs", "outlined"),
     [(True, False, False), (True, True, True), (False, False, True)],
@@ -262,37 +282,16 @@ def test_with_a_cpp_wrapper_that_cannot_call_subgraphs_blocks_compile_inline_unt
 
     monkeypatch.setattr(backend, "resolve_inner", lambda name, patches=None: inductor)
     monkeypatch.setattr(runtime, "cpp_wrapper_calls_subgraphs", lambda: calls_subgraphs)
-    case = zoo.get("zoo_dit")
-    options = {"inner_options": {"cpp_wrapper": cpp_wrapper}}
-    compiled = torch.compile(case.model, backend="blockdance", options=options)
-    with caplog.at_level("WARNING", logger="bd_compile"):
-        got = zoo.run_loop(case, compiled, 6, cfg="batched").latents
-    assert_rewritten_and_reused()
-    assert seen == [outlined, outlined]  # compute, reuse
-    assert counters["blockdance"]["compile_once_skipped"] == (0 if outlined else 2)
-    assert counters["blockdance"]["compile_once_failures"] == 0
-    assert not caplog.records
-    torch._dynamo.reset()
-    plain = torch.compile(case.model, backend="blockdance", options={**AOT, "compile_once": False})
-    torch.testing.assert_close(got, zoo.run_loop(case, plain, 6, cfg="batched").latents, **TOL)
+    reference = {**AOT, "compile_once": False}
+    _check_cpp_wrapper_run(caplog, cpp_wrapper, 0 if outlined else 2, reference)
+    assert seen[:2] == [outlined, outlined]  # compute, reuse (then the reference's, inline)
 
 
 @pytest.mark.slow  # inductor with its C++ wrapper, compiled cold
 def test_cpp_wrapper_compiles_the_blocks_inline_without_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    case = zoo.get("zoo_dit")
-    options = {"inner_options": {"cpp_wrapper": True}}
-    compiled = torch.compile(case.model, backend="blockdance", options=options)
-    with caplog.at_level("WARNING", logger="bd_compile"):
-        got = zoo.run_loop(case, compiled, 6, cfg="batched").latents
-    assert_rewritten_and_reused()
-    assert counters["blockdance"]["compile_once_skipped"] == 2
-    assert counters["blockdance"]["compile_once_failures"] == 0
-    assert not caplog.records
-    torch._dynamo.reset()
-    plain = torch.compile(case.model, backend="blockdance", options={"compile_once": False})
-    torch.testing.assert_close(got, zoo.run_loop(case, plain, 6, cfg="batched").latents, **TOL)
+    _check_cpp_wrapper_run(caplog, True, 2, {"compile_once": False})  # inductor either way
 
 
 def test_compile_once_must_be_a_bool() -> None:
