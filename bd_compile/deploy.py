@@ -166,10 +166,11 @@ def _package(
             sources.append((v,))
     t0 = time.perf_counter()
     inline = part.inline if part.inline is not None else part.gm
-    try:  # Note [Compile-once blocks]: AOTInductor may not call subgraphs
-        _aoti(part.gm if cpp_wrapper_calls_subgraphs() else inline, sources, weights, inputs, dest)
+    gm = part.gm if cpp_wrapper_calls_subgraphs() else inline  # Note [Compile-once blocks]
+    try:
+        _aoti(gm, sources, weights, inputs, dest)
     except Exception as e:
-        if inline is part.gm or not cpp_wrapper_calls_subgraphs():
+        if gm is inline:  # nothing else to try
             raise
         log.warning(
             "blockdance: the %s graph did not export with each block compiled once (%s: %s); "
