@@ -15,7 +15,10 @@ instructions). Calls ``0..--calls-1`` of a generation are counted, ``--rounds`` 
 method. Reported per method and kind of call: the median instructions per call (the spread over
 calls is about a percent at most), minus inductor's median, and two counts that say where a
 difference comes from: CPU storage allocations (``c10::alloc_cpu``) and calls of inductor's
-generated C++ kernels (``kernel_py``).
+generated C++ kernels (``kernel_py``); and a second table, every function's own instructions
+(self cost) summed by the library its code is in (``LIBRARIES``: malloc/free, CPython, torch's
+Python bindings, ATen/c10, inductor's kernels, MKL, ...), minus inductor's: which code runs the
+difference.
 
 Instructions are not microseconds: Python, allocation and a GEMM run at very different
 instructions per cycle. Read this for what a change adds or removes, ``benchmarks.overhead`` for
@@ -44,7 +47,7 @@ import sys
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,21 @@ void bd_dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
 #: what each count in a dump is made of: (name, substring of the called function's name)
 COUNTED_CALLS = (("allocations", "c10::alloc_cpu("), ("kernels", "kernel_py("))
 
+#: Where a dump's instructions are spent, by the code that executes them (self cost, callees
+#: not included): (library, substrings of the function's "object file|source file|name"),
+#: first match wins; the rest is "other".
+LIBRARIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("malloc, free", ("/malloc/",)),  # glibc's allocator, by its source files
+    ("MKL (GEMM)", ("|mkl_",)),  # linked into libtorch_cpu
+    ("inductor's kernels", ("inductor-cache", "torchinductor")),
+    ("CPython", ("libpython", "/bin/python")),
+    ("torch's Python bindings", ("libtorch_python",)),
+    ("ATen, c10", ("libtorch_cpu", "libc10")),
+    ("libc, libstdc++, loader", ("libc.so", "libstdc++", "ld-linux", "libm.so", "libgcc")),
+)
+OTHER = "other"
+NAMES = (*(lib for lib, _ in LIBRARIES), OTHER)
+
 
 @dataclass(frozen=True)
 class Dump:
@@ -85,37 +103,76 @@ class Dump:
     instructions: int
     allocations: int
     kernels: int
+    #: self instructions per ``LIBRARIES`` entry (and ``OTHER``); they sum to ``instructions``
+    libraries: dict[str, int] = field(default_factory=dict)
+
+
+def library(where: str) -> str:
+    """The ``LIBRARIES`` entry of a function given as ``object file|source file|name``."""
+    return next((lib for lib, keys in LIBRARIES if any(k in where for k in keys)), OTHER)
 
 
 def parse_dump(text: str) -> Dump:
     """A callgrind dump of one call: its label (``method|kind|round|call``, given to
-    ``CALLGRIND_DUMP_STATS_AT``; ``~`` stands for a space in the method), total instructions
-    and the calls into ``COUNTED_CALLS``.
+    ``CALLGRIND_DUMP_STATS_AT``; ``~`` stands for a space in the method), total instructions,
+    the calls into ``COUNTED_CALLS`` and the self instructions per ``LIBRARIES`` entry.
 
-    Callgrind names a function once, ``cfn=(id) name``, and then by ``cfn=(id)`` alone; the
-    ``calls=<count> ...`` line after a ``cfn=`` line counts that callee's calls from the function
-    being described."""
+    Callgrind names an object file (``ob=``), source file (``fl=``) or function (``fn=``) once,
+    ``fn=(id) name``, and then by ``fn=(id)`` alone; the callee's lines (``cob=``, ``cfi=``,
+    ``cfn=``) share those names. A ``calls=<count> ...`` line after a ``cfn=`` line counts that
+    callee's calls from the function being described, and the cost line after it is the call's
+    inclusive cost (not the function's own). Cost lines are positions (``+3``, ``-1``, ``*``,
+    ``12``: as many as the ``positions:`` header names) then the events, ``Ir`` first."""
     label = re.search(r"^desc: Trigger: Client Request: (\S+)$", text, re.M)
     total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
     if label is None or total is None:
         raise ValueError("not a callgrind dump made by CALLGRIND_DUMP_STATS_AT (no label or total)")
+    positions = re.search(r"^positions: (.*)$", text, re.M)
+    ir = len(positions.group(1).split()) if positions else 1  # the Ir column of a cost line
     method, kind, rnd, call = label.group(1).split("|")
-    names: dict[str, str] = {}
+    names: dict[tuple[str, str], str] = {}  # (ob | fl | fn, id) -> name
+    where = {"ob": "", "fl": "", "fn": ""}  # the function being described
     counts = dict.fromkeys((name for name, _ in COUNTED_CALLS), 0)
+    libraries: dict[str, int] = defaultdict(int)
+    lib = OTHER
     callee: str | None = None
+    inclusive = False  # the next cost line is a call's inclusive cost
     for line in text.splitlines():
-        m = re.match(r"(c?fn)=\((\d+)\)(?: (.*))?$", line)
+        if line and (line[0].isdigit() or line[0] in "+-*"):
+            if inclusive:
+                inclusive = False
+            else:
+                fields = line.split()
+                libraries[lib] += int(fields[ir]) if len(fields) > ir else 0
+            continue
+        m = re.match(r"(c?)(ob|fl|fi|fe|fn)=\((\d+)\)(?: (.*))?$", line)
         if m:
-            if m.group(3):
-                names[m.group(2)] = m.group(3)
-            callee = names.get(m.group(2), "") if m.group(1) == "cfn" else None
-        elif line.startswith("calls=") and callee is not None:
-            n = int(line.split()[0].removeprefix("calls="))
-            for name, pattern in COUNTED_CALLS:
-                if pattern in callee:
-                    counts[name] += n
-            callee = None
-    return Dump(method.replace("~", " "), kind, int(rnd), int(call), int(total.group(1)), **counts)
+            of_callee, spec, key = bool(m.group(1)), m.group(2), m.group(3)
+            space = "fl" if spec in ("fi", "fe") else spec  # one name space for files
+            if m.group(4):
+                names[space, key] = m.group(4)
+            if spec == "fn":
+                callee = names.get((space, key), "") if of_callee else None
+            if not of_callee and spec in where:  # a new function (its object, its file)
+                where[spec] = names.get((space, key), "")
+                lib = library("|".join(where.values()))
+        elif line.startswith("calls="):
+            inclusive = True
+            if callee is not None:
+                n = int(line.split()[0].removeprefix("calls="))
+                for name, pattern in COUNTED_CALLS:
+                    if pattern in callee:
+                        counts[name] += n
+                callee = None
+    return Dump(
+        method.replace("~", " "),
+        kind,
+        int(rnd),
+        int(call),
+        int(total.group(1)),
+        **counts,
+        libraries=dict(libraries),
+    )
 
 
 def summarize(dumps: Iterable[Dump]) -> list[dict[str, Any]]:
@@ -127,10 +184,12 @@ def summarize(dumps: Iterable[Dump]) -> list[dict[str, Any]]:
     if not base:
         raise ValueError("no inductor calls among the dumps: nothing to compare with")
     base_instr = statistics.median(d.instructions for d in base)
+    base_libs = library_medians(base)
     rows = []
     for (method, kind), ds in sorted(by.items(), key=lambda kv: (kv[0][0] != "inductor", kv[0])):
         instr = [d.instructions for d in ds]
         med = statistics.median(instr)
+        libs = library_medians(ds)
         rows.append(
             {
                 "method": method,
@@ -141,9 +200,21 @@ def summarize(dumps: Iterable[Dump]) -> list[dict[str, Any]]:
                 "minus_inductor": med - base_instr,
                 "allocations": statistics.median(d.allocations for d in ds),
                 "kernels": statistics.median(d.kernels for d in ds),
+                "libraries": libs,
+                "libraries_minus_inductor": {
+                    k: libs.get(k, 0) - base_libs.get(k, 0)
+                    for k in NAMES
+                    if k in libs or k in base_libs
+                },
             }
         )
     return rows
+
+
+def library_medians(dumps: list[Dump]) -> dict[str, float]:
+    """The median self instructions per library over ``dumps``, in ``LIBRARIES`` order."""
+    found = {k for d in dumps for k in d.libraries}
+    return {k: statistics.median(d.libraries.get(k, 0) for d in dumps) for k in NAMES if k in found}
 
 
 def compiler_wrapper(directory: Path) -> Path:
@@ -239,6 +310,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # callgrind.out.<n>: the n-th labelled dump (the unlabelled callgrind.out is the exit's)
         files = sorted(work.glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
         dumps = [parse_dump(p.read_text()) for p in files]
+    unsummed = [
+        d for d in dumps if abs(sum(d.libraries.values()) - d.instructions) > 1e-3 * d.instructions
+    ]
+    if unsummed:  # the parser missed cost lines (a callgrind format it does not read)
+        d = unsummed[0]
+        raise RuntimeError(
+            f"{len(unsummed)} dumps' self costs do not sum to their totals: "
+            f"{sum(d.libraries.values())} of {d.instructions} in {d.method} {d.kind} call {d.call}"
+        )
     per_method = Counter(d.method for d in dumps)
     if not dumps or set(per_method.values()) != {args.rounds * args.calls}:
         raise RuntimeError(f"expected {args.rounds * args.calls} dumps per method: {per_method}")
@@ -289,8 +369,33 @@ def write(result: dict[str, Any], tag: str) -> Path:
             f"({100 * r['minus_inductor'] / (r['instructions'] - r['minus_inductor']):+.1f}%) | "
             f"{r['allocations']:.0f} | {r['kernels']:.0f} |"
         )
+    lines += library_table(result["rows"])
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def library_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: the self instructions per call by library, inductor's in thousands and
+    every other row's minus inductor's (no lines for results without libraries)."""
+    libs = list(dict.fromkeys(k for r in rows for k in r.get("libraries", {})))
+    if not libs:
+        return []
+    lines = [
+        "",
+        "Where the instructions run: self instructions per call (a function's own, callees not "
+        "included) by the code that executes them, median per library, in thousands; "
+        "inductor's row as counted, every other row minus inductor's. Libraries by object file, "
+        "source file and function name: `LIBRARIES` in `benchmarks/instructions.py`.",
+        "",
+        "| method | call | " + " | ".join(libs) + " |",
+        "|---|---|" + "---|" * len(libs),
+    ]
+    for r in rows:
+        base = r["method"] == "inductor"
+        values = r["libraries"] if base else r["libraries_minus_inductor"]
+        cells = [f"{values.get(k, 0) / 1e3:{'' if base else '+'},.0f}" for k in libs]
+        lines.append(f"| {r['method']} | {r['kind']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

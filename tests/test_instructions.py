@@ -50,7 +50,53 @@ def test_parse_dump_reads_label_total_and_counted_calls() -> None:
         instructions=8_600_000,
         allocations=4 + 5 + 1,  # both callers' calls, through a name given by id only
         kernels=5,
+        libraries={"other": 10 + 11882},  # self costs: not the calls' inclusive 500, 28, 900, 60
     )
+
+
+def test_parse_dump_charges_self_costs_to_libraries() -> None:
+    """Self costs by the described function's object, file and name: names given once, then by
+    id; a callee's ``cob=``/``cfi=``/``cfn=`` lines do not change the function described, nor
+    does an inlined file (``fi=``); a call's inclusive cost (after ``calls=``) is not counted;
+    two position columns (``positions: instr line``) and relative positions are read."""
+    text = "\n".join(
+        [
+            "version: 1",
+            "desc: Trigger: Client Request: blockdance|compute|0|2",
+            "positions: instr line",
+            "events: Ir",
+            "summary: 1111",
+            "ob=(1) /usr/bin/python3.11",
+            "fl=(1) ./Python/ceval.c",
+            "fn=(1) _PyEval_EvalFrameDefault",
+            "0x10 5 100",
+            "cob=(2) /usr/lib/x86_64-linux-gnu/libc.so.6",
+            "cfi=(2) ./malloc/./malloc/malloc.c",
+            "cfn=(2) malloc",
+            "calls=3 0x20 7",
+            "+2 * 5000",  # malloc's inclusive cost: counted where malloc is described
+            "+4 -1 10",  # still the interpreter's own
+            "fi=(3) ./Include/object.h",
+            "* +3 1",  # inlined code: the interpreter's
+            "ob=(2)",
+            "fl=(2)",
+            "fn=(2)",
+            "0x20 7 1000",
+            "ob=(3) /venv/torch/lib/libtorch_cpu.so",
+            "fl=(4) ???",
+            "fn=(3) mkl_blas_avx2_sgemm",
+            "0x30 0",  # no Ir field: nothing
+            "fn=(4) at::empty",
+            "0x40 0 0",
+            "+1 0",
+            "totals: 1111",
+        ]
+    )
+    d = instructions.parse_dump(text + "\n")
+    assert d.libraries == {"CPython": 111, "malloc, free": 1000, "MKL (GEMM)": 0, "ATen, c10": 0}
+    assert sum(d.libraries.values()) == d.instructions
+    assert instructions.library("/x/.inductor-cache/ab/cab.so|???|kernel") == "inductor's kernels"
+    assert instructions.library("/opt/numpy.so|???|f") == instructions.OTHER
 
 
 def test_parse_dump_rejects_a_dump_without_label() -> None:
@@ -75,6 +121,35 @@ def test_summarize_medians_spread_and_difference() -> None:
     assert (bd["allocations"], bd["kernels"]) == (14, 6)
     with pytest.raises(ValueError, match="no inductor calls"):
         instructions.summarize(dumps[3:])
+
+
+def test_summarize_and_tabulate_libraries() -> None:
+    """Library medians per row, minus inductor's over the union of both rows' libraries (one
+    that only inductor ran is a negative difference, not left out), and the table's cells in
+    thousands: inductor's as counted, the others' signed."""
+
+    def made(method: str, kind: str, call: int, libraries: dict[str, int]) -> instructions.Dump:
+        return instructions.Dump(method, kind, 0, call, 10, 1, 1, libraries)
+
+    dumps = [
+        made("inductor", "call", i, {"CPython": 1_000_000 + 1000 * i, "MKL (GEMM)": 500_000})
+        for i in range(3)
+    ] + [
+        made("blockdance", "reuse", i, {"CPython": n}) for i, n in enumerate((1_300_000, 1_500_000))
+    ]
+    rows = instructions.summarize(dumps)
+    assert [(r["method"], r["libraries"]) for r in rows] == [
+        ("inductor", {"MKL (GEMM)": 500_000, "CPython": 1_001_000}),
+        ("blockdance", {"CPython": 1_400_000}),
+    ]
+    assert rows[1]["libraries_minus_inductor"] == {"MKL (GEMM)": -500_000, "CPython": 399_000}
+    assert instructions.library_table(rows)[-4:] == [
+        "| method | call | MKL (GEMM) | CPython |",
+        "|---|---|---|---|",
+        "| inductor | call | 500 | 1,001 |",
+        "| blockdance | reuse | -500 | +399 |",
+    ]
+    assert instructions.library_table([{**r, "libraries": {}} for r in rows]) == []
 
 
 def test_compiler_wrapper_builds_for_avx2(tmp_path: Path) -> None:
