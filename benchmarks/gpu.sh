@@ -29,7 +29,8 @@
 # The device machine has torch 2.11 (CUDA 13), Python 3.12 and every diffusers dependency but no
 # diffusers: the wheel in .devcarry/ is installed with --no-deps into /tmp/site.
 #
-# CPU smoke of the plumbing (tiny everything; how it is checked here):
+# CPU smoke of the plumbing (tiny everything; how it is checked here; every table is moved to
+# $OUT, none stays in benchmarks/results/):
 #   OUT=/tmp/gpu-smoke GPU_SMOKE=1 bash benchmarks/gpu.sh
 #
 # PART=peers instead runs only `python -m benchmarks.peers_gpu` (issue 20: FLUX.1-dev's
@@ -111,7 +112,7 @@ part() {  # part NAME LIMIT_S ARGS...
   timeout --kill-after=10 "$limit" $PY -m benchmarks.speed "${COMMON[@]}" \
     --tag "gpu-$GPU-$name" "$@" >"$LOGS/$name.log" 2>&1
   note "part $name: rc $?, $(( $(date +%s) - t0 )) s"
-  cp benchmarks/results/speed-gpu-"$GPU-$name".{md,csv} "$OUT"/ 2>/dev/null || true
+  mv benchmarks/results/speed-gpu-"$GPU-$name".{md,csv} "$OUT"/ 2>/dev/null || true
   tail -n 20 "$LOGS/$name.log"
 }
 LEFT=$(( BUDGET - $(elapsed) ))
@@ -125,7 +126,7 @@ note "overhead (limit $(( BUDGET - $(elapsed) )) s)"
 timeout --kill-after=10 $(( BUDGET - $(elapsed) )) $PY -m benchmarks.overhead "${OVERHEAD[@]}" \
   --tag "gpu-$GPU" >"$LOGS/overhead.log" 2>&1
 note "overhead: rc $?, $(( $(date +%s) - t0 )) s"
-cp benchmarks/results/overhead-gpu-"$GPU".{md,json} "$OUT"/ 2>/dev/null || true
+mv benchmarks/results/overhead-gpu-"$GPU".{md,json} "$OUT"/ 2>/dev/null || true
 tail -n 30 "$LOGS/overhead.log"
 
 note "total"
