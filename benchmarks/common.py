@@ -34,6 +34,23 @@ def machine() -> str:
     )
 
 
+#: ``--skip-module-guards``' help text (``benchmarks.step_split``, ``benchmarks.overhead``)
+SKIP_MODULE_GUARDS_HELP = (
+    "compile every model with options={'guard_filter_fn': "
+    "torch.compiler.skip_guard_on_all_nn_modules_unsafe}: no Dynamo guards on the modules' "
+    "weights and attributes (unsafe if they change between calls)"
+)
+
+
+def guard_options(skip_module_guards: bool) -> dict[str, Any]:
+    """The ``torch.compile`` options of ``--skip-module-guards``, a new dict per call: torch
+    pops the filter out of the options dict it is given (before the backend reads them), so a
+    dict shared by two ``torch.compile`` calls filters only the first one's guards."""
+    if not skip_module_guards:
+        return {}
+    return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

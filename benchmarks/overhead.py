@@ -49,7 +49,16 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import bd_compile
 from bd_compile.runtime import GraphRuntime
-from benchmarks.common import log, machine, median, timed, variants_clocked, write_json
+from benchmarks.common import (
+    SKIP_MODULE_GUARDS_HELP,
+    guard_options,
+    log,
+    machine,
+    median,
+    timed,
+    variants_clocked,
+    write_json,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -212,21 +221,28 @@ def breakdown(calls: Calls, m: Method) -> dict[str, dict[str, float]]:
     return {k: {c: us / n[k] for c, us in cats.items()} for k, cats in per_kind.items()}
 
 
-def compiled_methods(model: torch.nn.Module, calls: Calls, interval: int) -> dict[str, Any]:
+def compiled_methods(
+    model: torch.nn.Module, calls: Calls, interval: int, skip_module_guards: bool = False
+) -> dict[str, Any]:
     """The methods compared (also by ``benchmarks.instructions``), by name; the first is the
     baseline."""
-    options: dict[str, Any] = {"interval": interval, "window": (0.0, 1.0)}
+
+    def options(**given: Any) -> dict[str, Any]:
+        # a new dict per torch.compile: it pops the guard filter out of the dict it is given
+        return {**guard_options(skip_module_guards), **given}
+
+    whole = {"interval": interval, "window": (0.0, 1.0)}
     return {
-        "inductor": torch.compile(model, backend="inductor"),
-        "blockdance": torch.compile(model, backend="blockdance", options=options),
+        "inductor": torch.compile(model, backend="inductor", options=options() or None),
+        "blockdance": torch.compile(model, backend="blockdance", options=options(**whole)),
         "blockdance counted": torch.compile(
-            model, backend="blockdance", options={**options, "timesteps": calls.timesteps}
+            model, backend="blockdance", options=options(**whole, timesteps=calls.timesteps)
         ),
         "blockdance compile_once=False": torch.compile(
-            model, backend="blockdance", options={**options, "compile_once": False}
+            model, backend="blockdance", options=options(**whole, compile_once=False)
         ),
         "blockdance interval=1": torch.compile(
-            model, backend="blockdance", options={"interval": 1}
+            model, backend="blockdance", options=options(interval=1)
         ),
     }
 
@@ -245,7 +261,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"machine: {machine()}")
     model = build_model(args)
     calls = Calls(args)
-    methods = [Method(name, m) for name, m in compiled_methods(model, calls, args.interval).items()]
+    compiled = compiled_methods(model, calls, args.interval, args.skip_module_guards)
+    methods = [Method(name, m) for name, m in compiled.items()]
     for i, m in enumerate(methods):
         log(f"warm-up {m.name}")
         calls.run(m.model)
@@ -314,8 +331,14 @@ def write(result: dict[str, Any], tag: str) -> Path:
         "generations per method, interleaved call by call (the methods' order rotating), every "
         "call timed on its own. Minus inductor's: the median over calls of a call's time minus "
         "inductor's call at the same step of the same round, with its quartiles (how far single "
-        "calls scatter) and a 95% bootstrap interval of the median (how well it is known).",
+        "calls scatter) and a 95% bootstrap interval of the median (how well it is known)."
+        + (
+            " Every model without guards on its modules (`--skip-module-guards`)."
+            if a.get("skip_module_guards")
+            else ""
+        ),
         "Reproduce: `OMP_NUM_THREADS=1 python -m benchmarks.overhead"
+        + (" --skip-module-guards" if a.get("skip_module_guards") else "")
         + (f" --tag {tag}" if tag else "")
         + "`.",
         "",
@@ -367,6 +390,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
     p.add_argument("--tag", default="", help="results/overhead-<tag>.md")
+    p.add_argument("--skip-module-guards", action="store_true", help=SKIP_MODULE_GUARDS_HELP)
     return p.parse_args(argv)
 
 

@@ -38,8 +38,10 @@ import torch
 
 import bd_compile
 from benchmarks.common import (
+    SKIP_MODULE_GUARDS_HELP,
     clocked,
     flop_bound_speedup,
+    guard_options,
     log,
     machine,
     median,
@@ -94,8 +96,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"machine: {machine()}")
     model = build_model(args)
     ind_graph: list[float] = []
-    inductor = torch.compile(copy.deepcopy(model), backend=inductor_clocking(ind_graph))
-    options = {"interval": args.intervals[0]}
+    # a new dict per torch.compile: it pops the guard filter out of the dict it is given
+    inductor = torch.compile(
+        copy.deepcopy(model),
+        backend=inductor_clocking(ind_graph),
+        options=guard_options(args.skip_module_guards),
+    )
+    options = {"interval": args.intervals[0], **guard_options(args.skip_module_guards)}
     bd = torch.compile(copy.deepcopy(model), backend="blockdance", options=options)
     device = torch.device(args.device)
     splits: list[Split] = []
@@ -185,7 +192,14 @@ def write(result: dict[str, Any], argv: str) -> Path:
         f"Dynamo's guard evaluation alone costs {result['guards_ms']:.2f} ms of every call "
         "(plain inductor's model on the first call's inputs, 30 calls each with and without "
         "`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, interleaved: medians' "
-        "difference); it is part of outside, for every method.",
+        "difference); it is part of outside, for every method."
+        + (
+            " `--skip-module-guards`: both models compiled with `options={'guard_filter_fn': "
+            "torch.compiler.skip_guard_on_all_nn_modules_unsafe}`, no guards on the modules' "
+            "weights and attributes."
+            if args.get("skip_module_guards")
+            else ""
+        ),
         f"Reproduce: `OMP_NUM_THREADS=1 python -m benchmarks.step_split {argv}`.",
         "",
         "| sampler | method | s/gen | inside s | outside s | compute graph ms | reuse graph ms "
@@ -220,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of the results files")
+    p.add_argument("--skip-module-guards", action="store_true", help=SKIP_MODULE_GUARDS_HELP)
     args = p.parse_args(argv)
     args.device, args.dtype = "cpu", "float32"
     return args

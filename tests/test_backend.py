@@ -409,3 +409,23 @@ def test_part_gather_takes_each_input_from_its_pool() -> None:
     one = Part(part.gm, ((ARGS, 1),), ())
     assert one.gather(args) == ("a1",)
     assert Part(part.gm, (), ()).gather(args) == ()
+
+
+def test_a_guard_filter_in_the_options_reaches_dynamo_not_the_backend() -> None:
+    """README, Limitations: ``guard_filter_fn`` (e.g. torch's
+    ``skip_guard_on_all_nn_modules_unsafe``) goes in the same options dict; torch takes it out
+    before the backend reads its options (an unknown option would raise), and the rewrite is the
+    same."""
+    case, steps = zoo.get("zoo_dit"), 12
+    options = {
+        **AOT,
+        "window": (0.2, 0.95),
+        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+    }
+    compiled = torch.compile(case.model, backend="blockdance", options=options)
+    got = zoo.run_loop(case, compiled, steps, cfg="batched")
+    plan = progress_plan(model_timesteps(case, steps), (0.2, 0.95), 2)
+    assert counters["blockdance"]["graphs_rewritten"] == 1
+    assert counters["blockdance"]["reuse_steps"] == sum(plan) > 0
+    ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")
+    torch.testing.assert_close(got.latents, ref.latents, **TOL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -145,3 +146,32 @@ def test_write_json_names_the_files_by_tag(tmp_path: Path) -> None:
     assert write_json(out, "overhead", "n2.5", {"a": 2}) == out / "overhead-n2.5.md"
     assert json.loads((out / "overhead-n2.5.json").read_text()) == {"a": 2}
     assert sorted(p.name for p in out.iterdir()) == ["overhead-n2.5.json", "overhead.json"]
+
+
+@pytest.mark.slow  # compiles a 2-block model five times through inductor (cache hits after one)
+def test_skip_module_guards_reaches_every_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--skip-module-guards``: every compared model gets the guard filter. torch pops it out
+    of the options dict it is given, so options shared between two ``torch.compile`` calls
+    filter only the first one's guards (the bug this catches: a benchmark of filtered inductor
+    against unfiltered blockdance)."""
+    import argparse
+
+    from benchmarks import common, overhead
+
+    filtered: list[int] = []
+
+    def recording(guards: list[Any]) -> list[bool]:
+        filtered.append(len(guards))
+        return torch.compiler.skip_guard_on_all_nn_modules_unsafe(guards)
+
+    def options(skip: bool) -> dict[str, Any]:
+        return {"guard_filter_fn": recording} if skip else {}
+
+    monkeypatch.setattr(common, "guard_options", options)
+    monkeypatch.setattr(overhead, "guard_options", options)
+    args = argparse.Namespace(blocks=2, width=64, latent=4, steps=4, interval=2, device="cpu")
+    model, calls = overhead.build_model(args), overhead.Calls(args)
+    methods = overhead.compiled_methods(model, calls, args.interval, skip_module_guards=True)
+    for m in methods.values():
+        calls.call(m, 0)
+    assert len(filtered) == len(methods) == 5
