@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -412,19 +413,21 @@ def test_part_gather_takes_each_input_from_its_pool() -> None:
 
 
 def test_a_guard_filter_in_the_options_reaches_dynamo_not_the_backend() -> None:
-    """README, Limitations: ``guard_filter_fn`` (e.g. torch's
-    ``skip_guard_on_all_nn_modules_unsafe``) goes in the same options dict; torch takes it out
-    before the backend reads its options (an unknown option would raise), and the rewrite is the
-    same."""
+    """README, Options: ``guard_filter_fn`` (e.g. torch's ``skip_guard_on_all_nn_modules_unsafe``)
+    goes in the same options dict; torch takes it out before the backend reads its options (an
+    unknown option would raise), Dynamo filters the guards with it, and the rewrite is the same."""
     case, steps = zoo.get("zoo_dit"), 12
-    options = {
-        **AOT,
-        "window": (0.2, 0.95),
-        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-    }
+    filtered: list[int] = []
+
+    def recording(guards: list[Any]) -> list[bool]:
+        filtered.append(len(guards))
+        return torch.compiler.skip_guard_on_all_nn_modules_unsafe(guards)
+
+    options = {**AOT, "window": (0.2, 0.95), "guard_filter_fn": recording}
     compiled = torch.compile(case.model, backend="blockdance", options=options)
     got = zoo.run_loop(case, compiled, steps, cfg="batched")
     plan = progress_plan(model_timesteps(case, steps), (0.2, 0.95), 2)
+    assert len(filtered) == 1 and filtered[0] > 0
     assert counters["blockdance"]["graphs_rewritten"] == 1
     assert counters["blockdance"]["reuse_steps"] == sum(plan) > 0
     ref, _ = run_reference_loop(case, cache_block(case), plan, steps, "batched")

@@ -156,7 +156,7 @@ def test_skip_module_guards_reaches_every_method(monkeypatch: pytest.MonkeyPatch
     against unfiltered blockdance)."""
     import argparse
 
-    from benchmarks import common, overhead
+    from benchmarks import overhead
 
     filtered: list[int] = []
 
@@ -167,7 +167,6 @@ def test_skip_module_guards_reaches_every_method(monkeypatch: pytest.MonkeyPatch
     def options(skip: bool) -> dict[str, Any]:
         return {"guard_filter_fn": recording} if skip else {}
 
-    monkeypatch.setattr(common, "guard_options", options)
     monkeypatch.setattr(overhead, "guard_options", options)
     args = argparse.Namespace(blocks=2, width=64, latent=4, steps=4, interval=2, device="cpu")
     model, calls = overhead.build_model(args), overhead.Calls(args)
